@@ -1,0 +1,5 @@
+"""backfill: batched, resumable, gentle backfill jobs for PostgreSQL."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

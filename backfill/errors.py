@@ -1,0 +1,89 @@
+"""The runner's error hierarchy.
+
+Two families:
+
+* ``BackfillError`` subclasses end a command; each carries the documented exit code the
+  Kubernetes Job's podFailurePolicy relies on.
+* ``BatchFailure`` subclasses are decisions about one failed batch attempt, made in exactly one
+  place (``backfill.pg.translate``) from a driver error; the run loop acts on the class.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    BUG = 1
+    USAGE = 2
+    DATA = 65  # a row makes the SET fail permanently
+    UNAVAILABLE = 69  # database unavailable or retries exhausted
+    TEMPFAIL = 75  # interrupted with the checkpoint saved, or job held by another runner
+    CONFIG = 78  # bad configuration, schema mismatch, changed job, permission denied
+
+
+class BackfillError(Exception):
+    """An error that ends a command with a documented exit code and a one-line message."""
+
+    exit_code: ExitCode = ExitCode.BUG
+
+
+class ConfigError(BackfillError):
+    exit_code = ExitCode.CONFIG
+
+
+class RowError(BackfillError):
+    """A row makes the job's SET fail permanently; ``keys`` names it."""
+
+    exit_code = ExitCode.DATA
+
+    def __init__(self, message: str, *, keys: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
+class Unavailable(BackfillError):
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class Interrupted(BackfillError):
+    """A graceful stop: the checkpoint is saved and a rerun resumes."""
+
+    exit_code = ExitCode.TEMPFAIL
+
+
+class JobBusy(Interrupted):
+    """Another runner holds the job's lock."""
+
+
+class BatchFailure(Exception):
+    """A failed batch attempt; the subclass encodes what the loop does next."""
+
+    reason = "error"
+
+
+class StatementTimeout(BatchFailure):
+    """Roll back, shrink the batch, back off, retry."""
+
+    reason = "statement_timeout"
+
+
+class Contention(BatchFailure):
+    """Lock timeout, deadlock or serialization failure: back off and retry the same slice."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ConnectionLost(BatchFailure):
+    """Reconnect with backoff, re-take the lock, reload the checkpoint, continue."""
+
+    reason = "connection"
+
+
+class DataFailure(BatchFailure):
+    """A row-level data error in the job's SET: split the slice to find the row."""
+
+    reason = "data"

@@ -1,0 +1,173 @@
+"""The job definition: a TOML file validated into frozen values.
+
+A job says which rows to change (``table``, ``key``, ``where``), how (``set``) and how gently
+(``[batch]``, ``[limits]``). Its meaning is fingerprinted so a run never resumes a checkpoint that
+was made for a different definition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from backfill.errors import ConfigError
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|min|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``"250ms"``, ``"5s"``, ``"2min"``, ``"1h"`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '250ms', '5s' or '2min'")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration such as '250ms', '5s' or '2min'")
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BatchConfig(_Frozen):
+    size: int = Field(1000, ge=1, le=1_000_000)
+    min_size: int = Field(1, ge=1, le=1_000_000)
+    max_size: int = Field(100_000, ge=1, le=1_000_000)
+    sleep_seconds: float = Field(0.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchConfig:
+        if not self.min_size <= self.size <= self.max_size:
+            raise ValueError("need min_size <= size <= max_size")
+        return self
+
+
+class Limits(_Frozen):
+    statement_timeout: Seconds = Field(5.0, gt=0, le=3600)
+    lock_timeout: Seconds = Field(1.0, gt=0, le=3600)
+    max_retries: int = Field(10, ge=0, le=10_000)
+    connect_timeout: Seconds = Field(10.0, gt=0, le=600)
+    connect_retry_seconds: Seconds = Field(60.0, ge=0, le=86_400)
+    lock_wait: Seconds = Field(5.0, ge=0, le=3600)
+    max_run_seconds: Seconds | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _lock_within_statement(self) -> Limits:
+        if self.lock_timeout > self.statement_timeout:
+            raise ValueError("lock_timeout must not exceed statement_timeout")
+        return self
+
+
+class Table(_Frozen):
+    schema_: str
+    name: str
+
+    @property
+    def display(self) -> str:
+        return f"{self.schema_}.{self.name}"
+
+
+class Job(_Frozen):
+    """A validated job definition."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    table: Table
+    key: tuple[str, ...]
+    set: str = Field(min_length=1, max_length=100_000)
+    where: str = Field(min_length=1, max_length=100_000)
+    on_row_error: Literal["fail", "skip"] = "fail"
+    batch: BatchConfig = BatchConfig()
+    limits: Limits = Limits()
+
+    @field_validator("table", mode="before")
+    @classmethod
+    def _table(cls, value: object) -> object:
+        if isinstance(value, Table):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("expected 'schema.table' or 'table'")
+        parts = value.split(".")
+        if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+            raise ValueError(
+                f"{value!r} is not a plain identifier or schema.identifier "
+                "(letters, digits, underscore)"
+            )
+        schema, name = parts if len(parts) == 2 else ("public", parts[0])
+        return Table(schema_=schema, name=name)
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key(cls, value: object) -> object:
+        columns = [value] if isinstance(value, str) else value
+        if not isinstance(columns, list | tuple) or not columns:
+            raise ValueError("expected a column name or a list of column names")
+        for column in columns:
+            if not isinstance(column, str) or not _IDENT.match(column):
+                raise ValueError(f"{column!r} is not a plain column name")
+        if len(set(columns)) != len(columns):
+            raise ValueError("a column appears twice")
+        return tuple(columns)
+
+    @field_validator("set", "where")
+    @classmethod
+    def _fragment(cls, value: str) -> str:
+        # Fragments are trusted SQL, but a ';' can only mean a second statement smuggled in.
+        if ";" in value:
+            raise ValueError("must be a single SQL expression without ';'")
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of what the job means (not how fast it runs)."""
+        meaning = {
+            "table": self.table.display,
+            "key": list(self.key),
+            "set": " ".join(self.set.split()),
+            "where": " ".join(self.where.split()),
+        }
+        blob = json.dumps(meaning, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_job(path: Path | str) -> Job:
+    """Read and validate a job file; every problem becomes a one-line ConfigError."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read job file: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_job(data, source=str(path))
+
+
+def parse_job(data: dict[str, object], *, source: str = "job") -> Job:
+    try:
+        return Job.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "job"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {field}: {message}") from exc

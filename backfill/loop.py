@@ -1,0 +1,257 @@
+"""The run loop: batch after batch until the key range is done, a stop is requested or an
+error decides otherwise. It talks only to the seams in ``backfill.protocols``.
+
+Each batch commits its own checkpoint, so the loop keeps no state that matters after a crash:
+on a lost connection it reconnects, reloads the checkpoint and goes on from what really
+committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+
+from backfill.checkpoint import (
+    FAILED,
+    INTERRUPTED,
+    PAUSED,
+    RUNNING,
+    SUCCEEDED,
+    THROTTLED,
+    BatchResult,
+    Checkpoint,
+    Key,
+)
+from backfill.errors import (
+    BackfillError,
+    BatchFailure,
+    ConnectionLost,
+    DataFailure,
+    Interrupted,
+    RowError,
+    StatementTimeout,
+    Unavailable,
+)
+from backfill.protocols import Connector, Observer, Pause, Session, Throttle
+from backfill.shutdown import Stop
+from backfill.sizing import Sizer
+from backfill.throttle import Backoff
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What the loop needs from the job: plain values, no I/O."""
+
+    job: str
+    size: int
+    min_size: int
+    max_size: int
+    max_retries: int
+    connect_retry_seconds: float
+    skip_bad_rows: bool
+
+
+@dataclass(slots=True)
+class _Failures:
+    """Consecutive failed attempts; past ``limit`` the run gives up with exit 69."""
+
+    limit: int
+    count: int = 0
+
+    def add(self, failure: BatchFailure) -> int:
+        self.count += 1
+        if self.count > self.limit:
+            raise Unavailable(
+                f"giving up after {self.count} consecutive failed attempts "
+                f"(last: {failure.reason}: {failure})"
+            ) from failure
+        return self.count
+
+
+class Loop:
+    def __init__(
+        self,
+        policy: Policy,
+        connector: Connector,
+        *,
+        throttle: Throttle,
+        observer: Observer,
+        stop: Stop,
+        backoff: Backoff | None = None,
+        sizer: Sizer | None = None,
+    ) -> None:
+        self.policy = policy
+        self.connector = connector
+        self.throttle = throttle
+        self.observer = observer
+        self.stop = stop
+        self.backoff = backoff or Backoff()
+        self.sizer = sizer or Sizer(policy.size, policy.min_size, policy.max_size)
+        self.failures = _Failures(policy.max_retries)
+
+    async def run(self) -> Checkpoint:
+        """Run to the end of the range. Returns the final checkpoint.
+
+        Raises ``Interrupted`` after a graceful stop, ``RowError``, ``Unavailable`` or
+        ``ConfigError`` otherwise; the checkpoint is always what really committed.
+        """
+        while True:
+            try:
+                async with self._connect() as session:
+                    return await self._work(session)
+            except ConnectionLost as lost:
+                attempt = self.failures.add(lost)
+                self.observer.failed(lost, cursor=None, size=self.sizer.size)
+                log.warning(
+                    "connection lost; reconnecting",
+                    extra={"job": self.policy.job, "error": str(lost), "attempt": attempt},
+                )
+                await self._back_off(attempt)
+                if self.stop.requested:
+                    raise Interrupted(f"stopped ({self.stop.reason}) while reconnecting") from lost
+
+    @asynccontextmanager
+    async def _connect(self) -> AsyncIterator[Session]:
+        """Open a session, retrying an unreachable database for ``connect_retry_seconds``."""
+        deadline = anyio.current_time() + self.policy.connect_retry_seconds
+        attempt = 0
+        async with AsyncExitStack() as stack:
+            while True:
+                try:
+                    session = await stack.enter_async_context(self.connector.session())
+                    break
+                except ConnectionLost as lost:
+                    attempt += 1
+                    if anyio.current_time() >= deadline or self.stop.requested:
+                        raise Unavailable(f"database unavailable: {lost}") from lost
+                    log.warning(
+                        "database unreachable; retrying",
+                        extra={"job": self.policy.job, "error": str(lost), "attempt": attempt},
+                    )
+                    await self._back_off(attempt)
+            yield session
+
+    async def _work(self, session: Session) -> Checkpoint:
+        checkpoint = session.checkpoint
+        self.observer.started(checkpoint)
+        if checkpoint.state == SUCCEEDED or checkpoint.empty:
+            await session.finish(SUCCEEDED)
+            self.observer.state(SUCCEEDED)
+            return session.checkpoint
+        self.observer.state(RUNNING)
+        cursor = checkpoint.cursor
+        last: BatchResult | None = None
+        try:
+            while True:
+                await self._pauses(last)
+                if self.stop.requested:
+                    raise Interrupted(f"stopped ({self.stop.reason}); checkpoint saved")
+                size = self.sizer.size
+                try:
+                    last = await session.run_batch(cursor, size)
+                except ConnectionLost:
+                    raise
+                except DataFailure as failure:
+                    cursor = await self._bisect(session, failure, cursor, size)
+                    last = None
+                    continue
+                except BatchFailure as failure:
+                    await self._retry(failure, cursor, size)
+                    last = None
+                    continue
+                self.failures.count = 0
+                if last.cursor is None:
+                    await session.finish(SUCCEEDED)
+                    self.observer.state(SUCCEEDED)
+                    return session.checkpoint
+                cursor = last.cursor
+                self.sizer.succeeded(last.seconds)
+                self._apply_control(last)
+                self.observer.committed(last)
+        except Interrupted as stop:
+            await _quietly(session.finish(INTERRUPTED, error=str(stop)))
+            self.observer.state(INTERRUPTED)
+            raise
+        except BackfillError as error:
+            await _quietly(session.finish(FAILED, error=str(error)))
+            self.observer.state(FAILED)
+            raise
+
+    async def _pauses(self, last: BatchResult | None) -> None:
+        pause = await self.throttle.next_pause(last)
+        while pause is not None and not self.stop.requested:
+            await self._wait(pause)
+            pause = await self.throttle.next_pause(None)
+
+    async def _wait(self, pause: Pause) -> None:
+        self.observer.state(PAUSED if pause.reason == "paused" else THROTTLED)
+        self.observer.throttled(Pause(await self.stop.sleep(pause.seconds), pause.reason))
+        self.observer.state(RUNNING)
+
+    async def _back_off(self, attempt: int) -> None:
+        await self._wait(Pause(self.backoff.delay(attempt), "backoff"))
+
+    async def _retry(self, failure: BatchFailure, cursor: Key | None, size: int) -> None:
+        attempt = self.failures.add(failure)
+        self.observer.failed(failure, cursor=cursor, size=size)
+        if isinstance(failure, StatementTimeout):
+            self.sizer.timed_out()
+        log.warning(
+            "batch rolled back; retrying",
+            extra={
+                "job": self.policy.job,
+                "reason": failure.reason,
+                "keys_after": cursor,
+                "size": size,
+                "next_size": self.sizer.size,
+                "attempt": attempt,
+            },
+        )
+        await self._back_off(attempt)
+
+    async def _bisect(
+        self, session: Session, failure: DataFailure, cursor: Key | None, size: int
+    ) -> Key | None:
+        """Narrow a data error down to one row by halving the slice; good halves commit."""
+        self.observer.failed(failure, cursor=cursor, size=size)
+        if self.sizer.split():
+            return cursor
+        key = await session.next_key(cursor)
+        if key is None:  # the row vanished meanwhile; try again from the same cursor
+            return cursor
+        if not self.policy.skip_bad_rows:
+            raise RowError(
+                f"row with key {_show(key)} makes the SET fail: {failure}", keys=key
+            ) from failure
+        await session.skip(key)
+        self.observer.skipped(key)
+        log.error(
+            "skipped a row the SET cannot update",
+            extra={"job": self.policy.job, "keys": list(key), "error": str(failure)},
+        )
+        return key
+
+    def _apply_control(self, result: BatchResult) -> None:
+        size = result.control.get("batch.size")
+        if isinstance(size, int) and size != self.sizer.target:
+            log.info("live override", extra={"job": self.policy.job, "batch.size": size})
+            self.sizer.retarget(size)
+
+
+async def _quietly(awaitable: Awaitable[None]) -> None:
+    """Best-effort bookkeeping on the way out: shielded, bounded, never masks the real error."""
+    with anyio.move_on_after(5, shield=True):
+        try:
+            await awaitable
+        except Exception as exc:
+            log.warning("could not save final state", extra={"error": str(exc)})
+
+
+def _show(key: Key) -> str:
+    return key[0] if len(key) == 1 else "(" + ", ".join(key) + ")"

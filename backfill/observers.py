@@ -1,0 +1,182 @@
+"""Observers of a run: the structured log and the live terminal line.
+
+Both read the same ``Tracker``; neither logs a line per batch at the default level.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from backfill.checkpoint import BatchResult, Checkpoint, Key
+from backfill.errors import BatchFailure
+from backfill.progress import Tracker, human_seconds
+from backfill.protocols import Observer, Pause
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Fanout:
+    """Send every event to each observer in turn."""
+
+    observers: Sequence[Observer]
+
+    def started(self, checkpoint: Checkpoint) -> None:
+        for o in self.observers:
+            o.started(checkpoint)
+
+    def committed(self, result: BatchResult) -> None:
+        for o in self.observers:
+            o.committed(result)
+
+    def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:
+        for o in self.observers:
+            o.failed(failure, cursor=cursor, size=size)
+
+    def skipped(self, key: Key) -> None:
+        for o in self.observers:
+            o.skipped(key)
+
+    def throttled(self, pause: Pause) -> None:
+        for o in self.observers:
+            o.throttled(pause)
+
+    def state(self, state: str) -> None:
+        for o in self.observers:
+            o.state(state)
+
+
+@dataclass
+class Progress:
+    """Keeps the shared ``Tracker`` current; other observers read it."""
+
+    tracker: Tracker
+    clock: Callable[[], float] = time.monotonic
+    current_state: str = ""
+    pause_reason: str = ""
+
+    def started(self, checkpoint: Checkpoint) -> None:
+        self.tracker.start(checkpoint, self.clock())
+
+    def committed(self, result: BatchResult) -> None:
+        self.tracker.commit(result, self.clock())
+
+    def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:
+        pass
+
+    def skipped(self, key: Key) -> None:
+        pass
+
+    def throttled(self, pause: Pause) -> None:
+        self.pause_reason = pause.reason
+
+    def state(self, state: str) -> None:
+        self.current_state = state
+        if state == "running":
+            self.pause_reason = ""
+
+
+def summary(progress: Progress) -> dict[str, object]:
+    t = progress.tracker
+    done = t.fraction
+    return {
+        "rows": t.rows,
+        "batches": t.batches,
+        "percent": None if done is None else round(100 * done, 2),
+        "rows_per_second": round(t.rows_per_second(), 1),
+        "eta_seconds": None if (eta := t.eta_seconds()) is None else round(eta),
+        "batch_size": t.size,
+    }
+
+
+@dataclass
+class LogLines:
+    """JSON-friendly log: a line per state change, per retried batch, and every ``every`` s."""
+
+    job: str
+    progress: Progress
+    every: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    _last_state: str = ""
+    _next_report: float = 0.0
+
+    def started(self, checkpoint: Checkpoint) -> None:
+        self._next_report = self.clock() + self.every
+        log.info(
+            "run started",
+            extra={"job": self.job, "state": checkpoint.state, "cursor": checkpoint.cursor,
+                   "rows": checkpoint.rows_updated, "range_lo": checkpoint.range_lo,
+                   "range_hi": checkpoint.range_hi},
+        )
+
+    def committed(self, result: BatchResult) -> None:
+        if self.clock() >= self._next_report:
+            self._next_report = self.clock() + self.every
+            log.info("progress", extra={"job": self.job, **summary(self.progress)})
+
+    def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:
+        pass  # the loop logs each retried or failed batch with its keys and reason
+
+    def skipped(self, key: Key) -> None:
+        pass
+
+    def throttled(self, pause: Pause) -> None:
+        pass
+
+    def state(self, state: str) -> None:
+        if state != self._last_state and state not in ("throttled",):
+            self._last_state = state
+            log.info("state", extra={"job": self.job, "state": state, **summary(self.progress)})
+
+
+@dataclass
+class TerminalLine:
+    """A live progress line, redrawn at most ``every`` seconds, on a terminal."""
+
+    stream: TextIO
+    progress: Progress
+    every: float = 0.2
+    clock: Callable[[], float] = time.monotonic
+    _drawn: float = field(default=0.0)
+
+    def _draw(self, *, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self._drawn < self.every:
+            return
+        self._drawn = now
+        s = summary(self.progress)
+        percent = "?" if s["percent"] is None else f"{s['percent']:5.1f}%"
+        reason = self.progress.pause_reason
+        line = (
+            f"{percent}  {s['rows']:,} rows  {s['rows_per_second']:,.0f} rows/s  "
+            f"ETA {human_seconds(self.progress.tracker.eta_seconds())}  "
+            f"batch {s['batch_size']}  {self.progress.current_state}"
+            + (f" ({reason})" if reason and self.progress.current_state != "running" else "")
+        )
+        self.stream.write("\r\x1b[2K" + line)
+        self.stream.flush()
+
+    def started(self, checkpoint: Checkpoint) -> None:
+        self._draw(force=True)
+
+    def committed(self, result: BatchResult) -> None:
+        self._draw()
+
+    def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:
+        self._draw()
+
+    def skipped(self, key: Key) -> None:
+        self._draw()
+
+    def throttled(self, pause: Pause) -> None:
+        self._draw()
+
+    def state(self, state: str) -> None:
+        self._draw(force=state in ("succeeded", "failed", "interrupted"))
+        if state in ("succeeded", "failed", "interrupted"):
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,270 @@
+"""The PostgreSQL implementation of the loop's ``Connector`` and ``Session`` seams.
+
+A session is one dedicated connection (never a pool: its SETs and its advisory lock belong to
+it). Opening one checks the job against the catalog, prepares the batch statement, takes the
+job's lock, and loads or creates the checkpoint. Each batch is one statement that updates the
+rows and the checkpoint together, in one round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio
+import asyncpg
+
+from backfill import __version__, catalog, sql
+from backfill.checkpoint import BatchResult, Checkpoint, Key
+from backfill.errors import ConfigError, JobBusy
+from backfill.job import Job
+from backfill.pg import Budget, connect, translate
+from backfill.settings import ConnectParams
+from backfill.sql import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is running: written to the run history and shown to a second runner."""
+
+    host: str
+    pid: int
+
+    def __str__(self) -> str:
+        return f"{self.host} pid {self.pid}"
+
+
+def budget_for(job: Job) -> Budget:
+    return Budget(
+        statement_timeout=job.limits.statement_timeout,
+        lock_timeout=job.limits.lock_timeout,
+        connect_timeout=job.limits.connect_timeout,
+    )
+
+
+async def open_connection(params: ConnectParams, job: Job) -> asyncpg.Connection:
+    conn = await connect(params, budget=budget_for(job), application_name=f"backfill:{job.name}")
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    return conn
+
+
+async def require_state_schema(conn: asyncpg.Connection) -> None:
+    if not await conn.fetchval(sql.STATE_EXISTS):
+        raise ConfigError("the state schema 'backfill' does not exist: run `backfill init` first")
+
+
+def to_checkpoint(row: asyncpg.Record) -> Checkpoint:
+    def key(value: list[str] | None) -> Key | None:
+        return tuple(value) if value is not None else None
+
+    return Checkpoint(
+        job=row["job"],
+        shard=row["shard"],
+        shards=row["shards"],
+        fingerprint=row["fingerprint"],
+        state=row["state"],
+        range_lo=key(row["range_lo"]),
+        range_hi=key(row["range_hi"]),
+        cursor=key(row["cursor"]),
+        rows_updated=row["rows_updated"],
+        rows_skipped=row["rows_skipped"],
+        batches=row["batches"],
+        skipped_keys=tuple(tuple(k) for k in row["skipped_keys"]),
+        control=row["control"],
+        holder=row["holder"],
+        error=row["error"],
+        started_at=row["started_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+async def take_lock(conn: asyncpg.Connection, job: Job, *, shard: int = 0, wait: float) -> None:
+    """Take the job's session-level advisory lock, which dies with the connection.
+
+    After ``wait`` seconds of trying, raise ``JobBusy`` naming the holder.
+    """
+    deadline = anyio.current_time() + wait
+    while not await conn.fetchval(sql.TRY_LOCK, job.name, shard):
+        if anyio.current_time() >= deadline:
+            raise JobBusy(f"job {job.name} is held by another runner: {await _holder(conn, job)}")
+        await anyio.sleep(min(0.25, wait))
+
+
+async def _holder(conn: asyncpg.Connection, job: Job) -> str:
+    row = await conn.fetchrow(sql.LOCK_HOLDER, job.name, 0)
+    ckpt = await conn.fetchrow(sql.LOAD, job.name, 0)
+    where = f"{ckpt['holder']}, " if ckpt is not None and ckpt["holder"] else ""
+    if row is None:
+        return f"{where}(lock released meanwhile; try again)"
+    since = row["backend_start"].isoformat(timespec="seconds")
+    client = row["client"] or "local socket"
+    return f"{where}backend pid {row['pid']} from {client} since {since}"
+
+
+class PgSession:
+    def __init__(
+        self, conn: asyncpg.Connection, job: Job, target: Target, checkpoint: Checkpoint
+    ) -> None:
+        self.conn = conn
+        self.job = job
+        self.target = target
+        self._checkpoint = checkpoint
+        self.run_id: int | None = None
+        self._first: asyncpg.prepared_stmt.PreparedStatement | None = None
+        self._next: asyncpg.prepared_stmt.PreparedStatement | None = None
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return self._checkpoint
+
+    async def prepare(self) -> None:
+        """Prepare both batch statements: validates ``set`` and ``where`` before any write."""
+        kwargs = {"set_": self.job.set, "where": self.job.where}
+        try:
+            self._first = await self.conn.prepare(sql.batch(self.target, first=True, **kwargs))
+            self._next = await self.conn.prepare(sql.batch(self.target, first=False, **kwargs))
+        except Exception as exc:
+            raise self._translate(exc, "checking set/where") from exc
+
+    def _translate(self, exc: BaseException, where: str = "") -> Exception:
+        error = translate(exc, closed=self.conn.is_closed(), where=where)
+        if isinstance(error, ConfigError) and where == "":
+            return ConfigError(f"job {self.job.name}: {error}")
+        return error
+
+    def _bounds(self, cursor: Key | None) -> tuple[list[str], list[str]]:
+        ckpt = self._checkpoint
+        assert ckpt.range_lo is not None and ckpt.range_hi is not None
+        return list(cursor if cursor is not None else ckpt.range_lo), list(ckpt.range_hi)
+
+    async def run_batch(self, cursor: Key | None, size: int) -> BatchResult:
+        statement = self._first if cursor is None else self._next
+        assert statement is not None, "prepare() first"
+        after, upto = self._bounds(cursor)
+        start = time.perf_counter()
+        try:
+            row = await statement.fetchrow(after, upto, size, self.job.name, 0)
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        seconds = time.perf_counter() - start
+        assert row is not None
+        new = tuple(row["cursor"]) if row["cursor"] is not None else None
+        if new is not None and not row["saved"]:
+            raise ConfigError(f"the checkpoint of job {self.job.name} vanished (reset mid-run?)")
+        control: dict[str, Any] = row["control"] or {}
+        if new is not None:
+            self._checkpoint = _advance(self._checkpoint, new, row["rows"], control)
+        return BatchResult(cursor=new, rows=row["rows"], size=size, seconds=seconds, control=control)
+
+    async def next_key(self, cursor: Key | None) -> Key | None:
+        after, upto = self._bounds(cursor)
+        query = sql.key_of_next_row(self.target, first=cursor is None)
+        try:
+            value = await self.conn.fetchval(query, after, upto)
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        return tuple(value) if value is not None else None
+
+    async def skip(self, key: Key) -> None:
+        try:
+            await self.conn.fetchval(sql.SKIP, self.job.name, 0, list(key))
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        self._checkpoint = _advance(self._checkpoint, key, 0, self._checkpoint.control)
+
+    async def finish(self, state: str, *, error: str | None = None) -> None:
+        async with self.conn.transaction():
+            await self.conn.execute(sql.FINISH, self.job.name, 0, state, error)
+            if self.run_id is not None:
+                await self.conn.execute(sql.CLOSE_RUN, self.run_id, state, error)
+        row = await self.conn.fetchrow(sql.LOAD, self.job.name, 0)
+        if row is not None:
+            self._checkpoint = to_checkpoint(row)
+
+
+def _advance(ckpt: Checkpoint, cursor: Key, rows: int, control: dict[str, Any]) -> Checkpoint:
+    return replace(
+        ckpt,
+        cursor=cursor,
+        rows_updated=ckpt.rows_updated + rows,
+        batches=ckpt.batches + 1,
+        control=control,
+    )
+
+
+class PgConnector:
+    """Opens sessions for one job: connect, check, lock, load or create the checkpoint."""
+
+    def __init__(self, params: ConnectParams, job: Job, *, identity: Identity) -> None:
+        self.params = params
+        self.job = job
+        self.identity = identity
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[PgSession]:
+        conn = await open_connection(self.params, self.job)
+        try:
+            yield await self._open(conn)
+        finally:
+            with anyio.move_on_after(2, shield=True):
+                await _close(conn)
+
+    async def _open(self, conn: asyncpg.Connection) -> PgSession:
+        job = self.job
+        try:
+            await require_state_schema(conn)
+            target = await catalog.resolve(conn, job)
+            await take_lock(conn, job, wait=job.limits.lock_wait)
+            ckpt = await self._load_or_create(conn, target)
+            session = PgSession(conn, job, target, ckpt)
+            await session.prepare()
+            async with conn.transaction():
+                await conn.execute(sql.CLOSE_ABANDONED, job.name, 0)
+                session.run_id = await conn.fetchval(
+                    sql.OPEN_RUN, job.name, 0, job.fingerprint, __version__, str(self.identity)
+                )
+                await conn.execute(sql.START, job.name, 0, str(self.identity))
+            row = await conn.fetchrow(sql.LOAD, job.name, 0)
+            session._checkpoint = to_checkpoint(row)
+            return session
+        except (ConfigError, JobBusy):
+            raise
+        except Exception as exc:
+            raise translate(exc, closed=conn.is_closed()) from exc
+
+    async def _load_or_create(self, conn: asyncpg.Connection, target: Target) -> Checkpoint:
+        job = self.job
+        row = await conn.fetchrow(sql.LOAD, job.name, 0)
+        if row is None:
+            lo = await conn.fetchval(sql.lowest(target))
+            hi = await conn.fetchval(sql.highest(target))
+            await conn.execute(
+                sql.CREATE, job.name, 0, 1, job.fingerprint, job.table.display, lo, hi, None
+            )
+            log.info(
+                "new checkpoint; key range fixed",
+                extra={"job": job.name, "range_lo": lo, "range_hi": hi},
+            )
+            row = await conn.fetchrow(sql.LOAD, job.name, 0)
+        ckpt = to_checkpoint(row)
+        if ckpt.fingerprint != job.fingerprint:
+            raise ConfigError(
+                f"job {job.name} changed since its checkpoint was made (table, key, set or where "
+                f"differ): run `backfill reset {job.name} --yes` to start over, or rename the job"
+            )
+        return ckpt
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    try:
+        await conn.close(timeout=2)
+    except Exception:
+        conn.terminate()

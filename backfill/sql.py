@@ -1,0 +1,286 @@
+"""Every SQL statement the runner sends, built in one place.
+
+Identifiers go through ``ident``; values are always ``$n`` parameters. Key values travel as
+``text[]`` and are cast back to the key's type on the server, so any key type whose text form
+round-trips (integers, numeric, uuid, text, timestamps, dates) works without client-side codecs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA = "backfill"
+
+
+def ident(name: str) -> str:
+    """Quote one identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class KeyColumn:
+    name: str
+    sql_type: str  # as format_type() prints it, e.g. "bigint", "character varying(20)"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The resolved table and key a job works on."""
+
+    schema: str
+    table: str
+    key: tuple[KeyColumn, ...]
+
+    @property
+    def relation(self) -> str:
+        return f"{ident(self.schema)}.{ident(self.table)}"
+
+    def columns(self, prefix: str = "") -> str:
+        return ", ".join(prefix + ident(k.name) for k in self.key)
+
+    def row(self, prefix: str = "") -> str:
+        cols = self.columns(prefix)
+        return f"({cols})" if len(self.key) > 1 else cols
+
+    def param_row(self, n: int) -> str:
+        """The key value in text[] parameter ``$n``, cast back to the key's types."""
+        casts = ", ".join(f"(${n}::text[])[{i}]::{k.sql_type}" for i, k in enumerate(self.key, 1))
+        return f"({casts})" if len(self.key) > 1 else casts
+
+    def as_text(self, prefix: str = "") -> str:
+        return "ARRAY[" + ", ".join(f"{prefix}{ident(k.name)}::text" for k in self.key) + "]"
+
+    def order(self, direction: str = "") -> str:
+        return ", ".join(f"{ident(k.name)} {direction}".rstrip() for k in self.key)
+
+
+# --- state schema -------------------------------------------------------------------------------
+
+INIT = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.checkpoints (
+    job          text        NOT NULL,
+    shard        integer     NOT NULL DEFAULT 0,
+    shards       integer     NOT NULL DEFAULT 1,
+    fingerprint  text        NOT NULL,
+    target       text        NOT NULL,
+    state        text        NOT NULL,
+    range_lo     text[],
+    range_hi     text[],
+    cursor       text[],
+    rows_updated bigint      NOT NULL DEFAULT 0,
+    rows_skipped bigint      NOT NULL DEFAULT 0,
+    skipped_keys jsonb       NOT NULL DEFAULT '[]',
+    batches      bigint      NOT NULL DEFAULT 0,
+    control      jsonb       NOT NULL DEFAULT '{{}}',
+    holder       text,
+    error        text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    started_at   timestamptz,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz,
+    PRIMARY KEY (job, shard)
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.runs (
+    id             bigserial   PRIMARY KEY,
+    job            text        NOT NULL,
+    shard          integer     NOT NULL DEFAULT 0,
+    fingerprint    text        NOT NULL,
+    version        text        NOT NULL,
+    host           text        NOT NULL,
+    outcome        text        NOT NULL DEFAULT 'running',
+    started_at     timestamptz NOT NULL DEFAULT now(),
+    ended_at       timestamptz,
+    rows_at_start  bigint      NOT NULL DEFAULT 0,
+    batches_at_start bigint    NOT NULL DEFAULT 0,
+    rows_updated   bigint,
+    batches        bigint,
+    error          text
+);
+CREATE INDEX IF NOT EXISTS runs_job ON {SCHEMA}.runs (job, shard, id);
+"""
+
+STATE_EXISTS = f"SELECT to_regclass('{SCHEMA}.checkpoints') IS NOT NULL"
+
+# An advisory lock per (job, shard); session-level, so it dies with the runner's connection.
+TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext('backfill:' || $1), $2)"
+UNLOCK = "SELECT pg_advisory_unlock(hashtext('backfill:' || $1), $2)"
+LOCK_HOLDER = """
+SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.backend_start
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted
+  AND l.classid = hashtext('backfill:' || $1)::oid AND l.objid = $2::oid
+"""
+
+LOAD = f"SELECT * FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2"
+LOAD_ALL = f"SELECT * FROM {SCHEMA}.checkpoints WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard"
+CREATE = f"""
+INSERT INTO {SCHEMA}.checkpoints
+    (job, shard, shards, fingerprint, target, state, range_lo, range_hi, cursor)
+VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8)
+ON CONFLICT DO NOTHING
+"""
+START = f"""
+UPDATE {SCHEMA}.checkpoints
+SET state = CASE WHEN state = 'succeeded' THEN state ELSE 'running' END,
+    holder = $3, error = NULL, started_at = coalesce(started_at, now()), updated_at = now()
+WHERE job = $1 AND shard = $2
+"""
+FINISH = f"""
+UPDATE {SCHEMA}.checkpoints
+SET state = $3, error = $4, updated_at = now(),
+    finished_at = CASE WHEN $3 = 'succeeded' THEN now() ELSE finished_at END
+WHERE job = $1 AND shard = $2
+"""
+RESET = f"DELETE FROM {SCHEMA}.checkpoints WHERE job = $1"
+
+# Runs: a row per execution. A run killed without a goodbye is closed by the next one from the
+# checkpoint's counters, so the audit trail stays exact without a write per batch.
+CLOSE_ABANDONED = f"""
+UPDATE {SCHEMA}.runs r
+SET outcome = 'killed', ended_at = c.updated_at,
+    rows_updated = c.rows_updated - r.rows_at_start, batches = c.batches - r.batches_at_start
+FROM {SCHEMA}.checkpoints c
+WHERE r.job = $1 AND r.shard = $2 AND r.outcome = 'running' AND c.job = r.job AND c.shard = r.shard
+"""
+OPEN_RUN = f"""
+INSERT INTO {SCHEMA}.runs (job, shard, fingerprint, version, host, rows_at_start, batches_at_start)
+SELECT $1, $2, $3, $4, $5, rows_updated, batches FROM {SCHEMA}.checkpoints
+WHERE job = $1 AND shard = $2
+RETURNING id
+"""
+CLOSE_RUN = f"""
+UPDATE {SCHEMA}.runs r
+SET outcome = $2, ended_at = now(), error = $3,
+    rows_updated = c.rows_updated - r.rows_at_start, batches = c.batches - r.batches_at_start
+FROM {SCHEMA}.checkpoints c
+WHERE r.id = $1 AND c.job = r.job AND c.shard = r.shard
+"""
+HISTORY = f"""
+SELECT * FROM {SCHEMA}.runs WHERE job = $1 ORDER BY id DESC LIMIT $2
+"""
+SKIP = f"""
+UPDATE {SCHEMA}.checkpoints
+SET cursor = $3, rows_skipped = rows_skipped + 1, batches = batches + 1,
+    skipped_keys = skipped_keys || jsonb_build_array(to_jsonb($3::text[])), updated_at = clock_timestamp()
+WHERE job = $1 AND shard = $2
+RETURNING control
+"""
+
+# --- catalog ------------------------------------------------------------------------------------
+
+RELATION = """
+SELECT c.oid::int8 AS oid, c.relkind::text AS relkind
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2
+"""
+COLUMNS = """
+SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type,
+       t.typname::text AS type_name, a.attnotnull AS not_null, a.attnum::int AS attnum
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = $1::oid AND a.attname = ANY($2::text[]) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+# A valid, non-partial unique btree index on exactly the key columns, in the key's order.
+UNIQUE_INDEX = """
+SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+WHERE i.indrelid = $1::oid AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+  AND i.indexprs IS NULL AND am.amname = 'btree' AND i.indnkeyatts = cardinality($2::int2[])
+  AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality($2::int2[])] = $2::int2[]
+LIMIT 1
+"""
+PRIVILEGES = """
+SELECT has_any_column_privilege($1::oid, 'UPDATE') AS can_update,
+       has_any_column_privilege($1::oid, 'SELECT') AS can_select, current_user::text AS role
+"""
+
+
+def lowest(t: Target) -> str:
+    return f"SELECT {t.as_text()} FROM {t.relation} ORDER BY {t.order()} LIMIT 1"
+
+
+def highest(t: Target) -> str:
+    return f"SELECT {t.as_text()} FROM {t.relation} ORDER BY {t.order('DESC')} LIMIT 1"
+
+
+def _after(t: Target, *, first: bool) -> str:
+    """The slice's lower bound: ``>= $1`` for a run's first batch, ``> $1`` after that."""
+    return f"{t.row()} {'>=' if first else '>'} {t.param_row(1)}"
+
+
+def slice_end(t: Target, *, first: bool) -> str:
+    """The last key of the next slice: at most $3 keys after $1, none beyond $2."""
+    return f"""
+        SELECT {t.columns()} FROM (
+            SELECT {t.columns()} FROM {t.relation}
+            WHERE {_after(t, first=first)} AND {t.row()} <= {t.param_row(2)}
+            ORDER BY {t.order()} LIMIT $3
+        ) backfill_slice ORDER BY {t.order('DESC')} LIMIT 1"""
+
+
+def _upto_last(t: Target) -> str:
+    ends = ", ".join(f"(SELECT {ident(k.name)} FROM backfill_last)" for k in t.key)
+    return f"{t.row()} <= ({ends})" if len(t.key) > 1 else f"{t.row()} <= {ends}"
+
+
+def batch(t: Target, *, set_: str, where: str, first: bool) -> str:
+    """One batch as one statement: slice, UPDATE, checkpoint, in one implicit transaction.
+
+    Parameters: $1 cursor (text[]), $2 range end (text[]), $3 size, $4 job, $5 shard.
+    Returns one row: ``cursor`` (the slice's last key, NULL when the range is exhausted),
+    ``rows`` (rows the UPDATE reported), ``saved`` (1 when the checkpoint moved) and
+    ``control`` (live overrides from the checkpoint, read for free on every batch).
+    """
+    return f"""
+WITH backfill_last AS ({slice_end(t, first=first)}
+), backfill_changed AS (
+    UPDATE {t.relation} SET {set_}
+    WHERE {_after(t, first=first)} AND {_upto_last(t)} AND ({where})
+    RETURNING 1
+), backfill_saved AS (
+    UPDATE {SCHEMA}.checkpoints
+    SET cursor = (SELECT {t.as_text()} FROM backfill_last),
+        rows_updated = rows_updated + (SELECT count(*) FROM backfill_changed),
+        batches = batches + 1, updated_at = clock_timestamp()
+    WHERE job = $4 AND shard = $5 AND EXISTS (SELECT FROM backfill_last)
+    RETURNING cursor, control
+)
+SELECT (SELECT {t.as_text()} FROM backfill_last) AS cursor,
+       (SELECT count(*) FROM backfill_changed) AS rows,
+       (SELECT count(*) FROM backfill_saved) AS saved,
+       (SELECT control FROM backfill_saved) AS control"""
+
+
+def dry_batch(t: Target, *, set_: str, where: str, first: bool) -> str:
+    """The batch's UPDATE alone, for EXPLAIN in ``plan`` (same parameters, $4/$5 unused)."""
+    return f"""
+WITH backfill_last AS ({slice_end(t, first=first)}
+)
+UPDATE {t.relation} SET {set_}
+WHERE {_after(t, first=first)} AND {_upto_last(t)} AND ({where})
+  AND $4::text IS NOT NULL AND $5::int IS NOT NULL"""
+
+
+def count_slice(t: Target, *, where: str, first: bool) -> str:
+    """Rows still matching ``where`` in one slice, and the slice's last key (for ``verify``)."""
+    return f"""
+WITH backfill_last AS ({slice_end(t, first=first)}
+)
+SELECT (SELECT {t.as_text()} FROM backfill_last) AS cursor,
+       (SELECT count(*) FROM {t.relation}
+        WHERE {_after(t, first=first)} AND {_upto_last(t)} AND ({where})) AS rows"""
+
+
+def key_of_next_row(t: Target, *, first: bool) -> str:
+    """The key of the single row after $1 (used to name a poison row)."""
+    return (
+        f"SELECT {t.as_text()} FROM {t.relation} WHERE {_after(t, first=first)} "
+        f"AND {t.row()} <= {t.param_row(2)} ORDER BY {t.order()} LIMIT 1"
+    )
+
+
+ESTIMATED_ROWS = "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::oid"
+
+
+def explain(statement: str, *, analyze: bool = False) -> str:
+    return f"EXPLAIN (ANALYZE {str(analyze).upper()}, COSTS TRUE) {statement}"
+

@@ -1,0 +1,49 @@
+"""Decisions to wait: the per-batch sleep, combining throttles, and retry backoff."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from backfill.checkpoint import BatchResult
+from backfill.protocols import Pause, Throttle
+
+
+@dataclass(slots=True)
+class FixedSleep:
+    """Pause ``seconds`` after every committed batch."""
+
+    seconds: float
+
+    async def next_pause(self, last: BatchResult | None) -> Pause | None:
+        if last is None or self.seconds <= 0:
+            return None
+        return Pause(self.seconds, "sleep")
+
+
+@dataclass(slots=True)
+class AllOf:
+    """Ask every throttle; wait for the longest pause any of them wants."""
+
+    throttles: Sequence[Throttle]
+
+    async def next_pause(self, last: BatchResult | None) -> Pause | None:
+        pauses = [p for t in self.throttles if (p := await t.next_pause(last)) is not None]
+        return max(pauses, key=lambda p: p.seconds, default=None)
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: ``uniform(0, min(cap, base * 2**attempt))``.
+
+    A floor of ``base`` keeps retries from hammering a struggling server.
+    """
+
+    base: float = 0.1
+    cap: float = 30.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, attempt: int) -> float:
+        ceiling = min(self.cap, self.base * 2 ** min(attempt, 30))
+        return max(self.base, self.rng.uniform(0, ceiling))

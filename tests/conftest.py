@@ -1,0 +1,197 @@
+"""Test harness: one real PostgreSQL per session on a free port, a template database with the
+state schema, and a fresh database per test (CREATE DATABASE ... TEMPLATE is fast)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from pydantic import SecretStr
+
+from backfill import sql
+from backfill.pgtemp import TempPostgres
+from backfill.settings import ConnectParams
+
+REPO = Path(__file__).resolve().parent.parent
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"  # asyncpg is asyncio-only
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[TempPostgres]:
+    server = TempPostgres(fast=True).start()
+    try:
+        _create_template(server)
+        yield server
+    finally:
+        server.stop()
+
+
+def _create_template(server: TempPostgres) -> None:
+    import anyio
+
+    async def go() -> None:
+        conn = await asyncpg.connect(server.dsn())
+        await conn.execute("CREATE DATABASE backfill_template")
+        await conn.close()
+        conn = await asyncpg.connect(server.dsn("backfill_template"))
+        await conn.execute(sql.INIT)
+        await conn.close()
+
+    anyio.run(go, backend="asyncio")
+
+
+@dataclass(frozen=True)
+class Database:
+    """A fresh database for one test."""
+
+    server: TempPostgres
+    name: str
+
+    @property
+    def dsn(self) -> str:
+        return self.server.dsn(self.name)
+
+    @property
+    def params(self) -> ConnectParams:
+        return ConnectParams(dsn=SecretStr(self.dsn))
+
+    async def connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.dsn)
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        conn = await self.connect()
+        try:
+            return await conn.fetch(query, *args)
+        finally:
+            await conn.close()
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        conn = await self.connect()
+        try:
+            return await conn.fetchval(query, *args)
+        finally:
+            await conn.close()
+
+    async def execute(self, query: str, *args: Any) -> str:
+        conn = await self.connect()
+        try:
+            return await conn.execute(query, *args)
+        finally:
+            await conn.close()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a CLI subprocess pointed at this database."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "BACKFILL_"))}
+        env.pop("DATABASE_URL", None)
+        env["BACKFILL_DATABASE_URL"] = self.dsn
+        env.update(extra)
+        return env
+
+
+@pytest.fixture
+async def db(pg: TempPostgres) -> AsyncIterator[Database]:
+    name = f"t{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(pg.dsn())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE backfill_template')
+        yield Database(pg, name)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def write_job(directory: Path, fields: Mapping[str, Any], *, filename: str = "job.toml") -> Path:
+    """Write a job file from a dict (nested dicts become TOML tables)."""
+    lines: list[str] = []
+    tables: list[str] = []
+    for key, value in fields.items():
+        if isinstance(value, Mapping):
+            tables.append(f"\n[{key}]")
+            tables += [f"{k} = {_toml(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{key} = {_toml(value)}")
+    path = directory / filename
+    path.write_text("\n".join(lines + tables) + "\n")
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    import json
+
+    return json.dumps(str(value))
+
+
+def cli(
+    *args: str | Path, env: Mapping[str, str], timeout: float = 120, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user would (a real process), returning its output and exit code."""
+    return subprocess.run(
+        [sys.executable, "-m", "backfill", *map(str, args)],
+        env=dict(env), capture_output=True, text=True, timeout=timeout, check=check, cwd=REPO,
+    )
+
+
+def popen(*args: str | Path, env: Mapping[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "backfill", *map(str, args)],
+        env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+
+
+USERS = """
+CREATE TABLE public.users (
+    id           bigint PRIMARY KEY,
+    first_name   text NOT NULL,
+    last_name    text NOT NULL,
+    display_name text,
+    touched      int NOT NULL DEFAULT 0
+);
+"""
+
+
+async def seed_users(db: Database, ids: str = "generate_series(1, 1000)") -> int:
+    """Create public.users with the given ids; ``touched`` counts updates per row."""
+    await db.execute(USERS)
+    status = await db.execute(
+        f"INSERT INTO public.users (id, first_name, last_name) "
+        f"SELECT g, 'first' || g, 'last' || g FROM {ids} AS s(g)"
+    )
+    return int(status.split()[-1])
+
+
+def users_job(**overrides: Any) -> dict[str, Any]:
+    """A job over public.users that counts every application in ``touched``."""
+    job: dict[str, Any] = {
+        "name": "users-display-name",
+        "table": "public.users",
+        "key": "id",
+        "set": "display_name = first_name || ' ' || last_name, touched = touched + 1",
+        "where": "display_name IS NULL",
+        "batch": {"size": 100},
+        "limits": {"statement_timeout": "5s", "lock_timeout": "1s"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key] = {**job[key], **value}
+        else:
+            job[key] = value
+    return job
