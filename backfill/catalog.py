@@ -48,6 +48,7 @@ async def resolve(conn: asyncpg.Connection, job: Job) -> Target:
             "btree index on exactly these columns, in this order"
         )
     rights = await conn.fetchrow(sql.PRIVILEGES, rel["oid"])
+    assert rights is not None
     for right in ("select", "update"):
         if not rights[f"can_{right}"]:
             raise ConfigError(

@@ -84,7 +84,10 @@ def plan(path: JobPath) -> None:
     typer.echo(f"range     {_key(p.range_lo)} .. {_key(p.range_hi)}")
     if p.cursor is not None:
         typer.echo(f"resumes   after {_key(p.cursor)}")
-    typer.echo(f"rows      ~{p.rows_in_table:,} in table, ~{p.rows_matching:,} matching where (planner estimates)")
+    typer.echo(
+        f"rows      ~{p.rows_in_table:,} in table, "
+        f"~{p.rows_matching:,} matching where (planner estimates)"
+    )
     typer.echo(f"batches   ~{p.batches:,} of {job.batch.size}")
     typer.echo(
         f"duration  ~{human_seconds(p.estimated_seconds)} "
@@ -200,7 +203,8 @@ def _plain(value: Any) -> Any:
 
 def _status_entry(c: Any) -> dict[str, Any]:
     entry = {k: _plain(v) for k, v in asdict(c).items()}
-    entry["progress"] = fraction(c.range_lo, c.range_hi, c.cursor) if c.state != "succeeded" else 1.0
+    done = c.state == "succeeded"
+    entry["progress"] = 1.0 if done else fraction(c.range_lo, c.range_hi, c.cursor)
     return entry
 
 

@@ -6,15 +6,16 @@ subclasses; the CLI only parses arguments and maps errors to exit codes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import anyio
 import asyncpg
@@ -42,28 +43,15 @@ from backfill.throttle import AllOf, FixedSleep
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 ADMIN_BUDGET = Budget(statement_timeout=30.0, lock_timeout=5.0)
 
 
 async def _admin(params: ConnectParams, verb: str) -> asyncpg.Connection:
-    conn = await connect(params, budget=ADMIN_BUDGET, application_name=f"backfill:{verb}")
-    await conn.set_type_codec("jsonb", encoder=_json_dumps, decoder=_json_loads, schema="pg_catalog")
-    return conn
+    return await connect(params, budget=ADMIN_BUDGET, application_name=f"backfill:{verb}")
 
 
-def _json_dumps(value: object) -> str:
-    import json
-
-    return json.dumps(value)
-
-
-def _json_loads(value: str) -> object:
-    import json
-
-    return json.loads(value)
-
-
-async def _guard(awaitable: Any) -> Any:
+async def _guard(awaitable: Awaitable[T]) -> T:
     """Translate driver errors raised outside the run loop."""
     try:
         return await awaitable
@@ -109,7 +97,9 @@ def policy_for(job: Job) -> Policy:
 
 def default_observers(job: Job, tracker: Tracker, stream: TextIO) -> list[Observer]:
     progress = Progress(tracker)
-    shown: Observer = TerminalLine(stream, progress) if stream.isatty() else LogLines(job.name, progress)
+    shown: Observer = (
+        TerminalLine(stream, progress) if stream.isatty() else LogLines(job.name, progress)
+    )
     return [progress, shown]
 
 
@@ -199,7 +189,8 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
     if ckpt is not None:
         lo, hi, cursor = ckpt.range_lo, ckpt.range_hi, ckpt.cursor
     else:
-        lo_v, hi_v = await conn.fetchval(sql.lowest(target)), await conn.fetchval(sql.highest(target))
+        lo_v = await conn.fetchval(sql.lowest(target))
+        hi_v = await conn.fetchval(sql.highest(target))
         lo = tuple(lo_v) if lo_v else None
         hi = tuple(hi_v) if hi_v else None
         cursor = None
@@ -222,7 +213,7 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
         count_plan = await conn.fetchval(
             f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {target.relation} WHERE ({job.where})"
         )
-        matching = int(_json_loads(count_plan)[0]["Plan"]["Plan Rows"])  # type: ignore[index]
+        matching = int(json.loads(count_plan)[0]["Plan"]["Plan Rows"])
     batches = math.ceil(rows_in_table / job.batch.size) if lo is not None else 0
     return Plan(
         job=job.name,
@@ -249,7 +240,8 @@ async def verify(job: Job, params: ConnectParams, *, slice_size: int | None = No
     slice a bounded statement). Returns the count; 0 means the backfill is complete."""
     conn = await _guard(open_connection(params, job))
     try:
-        return int(await _guard(_verify(conn, job, slice_size or min(100_000, job.batch.size * 10))))
+        size = slice_size or min(100_000, job.batch.size * 10)
+        return await _guard(_verify(conn, job, size))
     finally:
         await conn.close()
 
@@ -270,6 +262,7 @@ async def _verify(conn: asyncpg.Connection, job: Job, size: int) -> int:
     total, cursor = 0, None
     while True:
         row = await conn.fetchrow(first_q if cursor is None else next_q, cursor or lo, hi, size)
+        assert row is not None
         if row["cursor"] is None:
             return total
         total += row["rows"]
@@ -301,8 +294,7 @@ async def reset(params: ConnectParams, name: str) -> int:
     conn = await _guard(_admin(params, "reset"))
     try:
         await _guard(require_state_schema(conn))
-        fake = Job.model_construct(name=name)
-        await _guard(take_lock(conn, fake, wait=2.0))
+        await _guard(take_lock(conn, name, wait=2.0))
         result = await _guard(conn.execute(sql.RESET, name))
     finally:
         await conn.close()

@@ -35,10 +35,14 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
-        return f"{record.levelname.lower():7} {record.getMessage()}" + (f"  {extra}" if extra else "")
+        return f"{record.levelname.lower():7} {record.getMessage()}" + (
+            f"  {extra}" if extra else ""
+        )
 
 
-def setup(*, level: str = "INFO", stream: TextIO | None = None, json_lines: bool | None = None) -> None:
+def setup(
+    *, level: str = "INFO", stream: TextIO | None = None, json_lines: bool | None = None
+) -> None:
     stream = stream or sys.stderr
     if json_lines is None:
         json_lines = not stream.isatty()

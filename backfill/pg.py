@@ -3,9 +3,11 @@ become the runner's decisions (``translate``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -56,13 +58,18 @@ async def connect(
     params: ConnectParams, *, budget: Budget, application_name: str
 ) -> asyncpg.Connection:
     """Connect with the budget applied to the session; errors are already translated."""
+    open_: Any = asyncpg.connect  # ConnectParams.kwargs() is checked there, not here
     try:
-        return await asyncpg.connect(
-            **params.kwargs(),  # type: ignore[arg-type]
+        conn: asyncpg.Connection = await open_(
+            **params.kwargs(),
             timeout=budget.connect_timeout,
             command_timeout=budget.statement_timeout + CLIENT_SLACK,
             server_settings=budget.server_settings(application_name),
         )
+        await conn.set_type_codec(
+            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+        return conn
     except Exception as exc:
         raise translate(exc, where=f"connecting to {params.describe()}") from exc
 

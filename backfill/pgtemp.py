@@ -135,10 +135,11 @@ class TempPostgres:
         self._run(*args)
 
     def stop(self) -> None:
-        if self.root is None:
+        if self.root is None or self.bindir is None:
             return
-        self._run(self.bindir / "pg_ctl", "-D", self.datadir, "-m", "immediate", "stop",
-                  check=False)
+        self._run(
+            self.bindir / "pg_ctl", "-D", self.datadir, "-m", "immediate", "stop", check=False
+        )
         shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
 

@@ -8,7 +8,6 @@ rows and the checkpoint together, in one round trip.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -50,9 +49,7 @@ def budget_for(job: Job) -> Budget:
 
 
 async def open_connection(params: ConnectParams, job: Job) -> asyncpg.Connection:
-    conn = await connect(params, budget=budget_for(job), application_name=f"backfill:{job.name}")
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    return conn
+    return await connect(params, budget=budget_for(job), application_name=f"backfill:{job.name}")
 
 
 async def require_state_schema(conn: asyncpg.Connection) -> None:
@@ -86,21 +83,22 @@ def to_checkpoint(row: asyncpg.Record) -> Checkpoint:
     )
 
 
-async def take_lock(conn: asyncpg.Connection, job: Job, *, shard: int = 0, wait: float) -> None:
+async def take_lock(conn: asyncpg.Connection, name: str, *, shard: int = 0, wait: float) -> None:
     """Take the job's session-level advisory lock, which dies with the connection.
 
     After ``wait`` seconds of trying, raise ``JobBusy`` naming the holder.
     """
     deadline = anyio.current_time() + wait
-    while not await conn.fetchval(sql.TRY_LOCK, job.name, shard):
+    while not await conn.fetchval(sql.TRY_LOCK, name, shard):
         if anyio.current_time() >= deadline:
-            raise JobBusy(f"job {job.name} is held by another runner: {await _holder(conn, job)}")
+            holder = await _holder(conn, name, shard)
+            raise JobBusy(f"job {name} is held by another runner: {holder}")
         await anyio.sleep(min(0.25, wait))
 
 
-async def _holder(conn: asyncpg.Connection, job: Job) -> str:
-    row = await conn.fetchrow(sql.LOCK_HOLDER, job.name, 0)
-    ckpt = await conn.fetchrow(sql.LOAD, job.name, 0)
+async def _holder(conn: asyncpg.Connection, name: str, shard: int) -> str:
+    row = await conn.fetchrow(sql.LOCK_HOLDER, name, shard)
+    ckpt = await conn.fetchrow(sql.LOAD, name, shard)
     where = f"{ckpt['holder']}, " if ckpt is not None and ckpt["holder"] else ""
     if row is None:
         return f"{where}(lock released meanwhile; try again)"
@@ -132,7 +130,7 @@ class PgSession:
             self._first = await self.conn.prepare(sql.batch(self.target, first=True, **kwargs))
             self._next = await self.conn.prepare(sql.batch(self.target, first=False, **kwargs))
         except Exception as exc:
-            raise self._translate(exc, "checking set/where") from exc
+            raise self._translate(exc, "set/where") from exc
 
     def _translate(self, exc: BaseException, where: str = "") -> Exception:
         error = translate(exc, closed=self.conn.is_closed(), where=where)
@@ -162,7 +160,9 @@ class PgSession:
         control: dict[str, Any] = row["control"] or {}
         if new is not None:
             self._checkpoint = _advance(self._checkpoint, new, row["rows"], control)
-        return BatchResult(cursor=new, rows=row["rows"], size=size, seconds=seconds, control=control)
+        return BatchResult(
+            cursor=new, rows=row["rows"], size=size, seconds=seconds, control=control
+        )
 
     async def next_key(self, cursor: Key | None) -> Key | None:
         after, upto = self._bounds(cursor)
@@ -178,7 +178,7 @@ class PgSession:
             await self.conn.fetchval(sql.SKIP, self.job.name, 0, list(key))
         except Exception as exc:
             raise self._translate(exc) from exc
-        self._checkpoint = _advance(self._checkpoint, key, 0, self._checkpoint.control)
+        self._checkpoint = _advance(self._checkpoint, key, 0, dict(self._checkpoint.control))
 
     async def finish(self, state: str, *, error: str | None = None) -> None:
         async with self.conn.transaction():
@@ -222,7 +222,7 @@ class PgConnector:
         try:
             await require_state_schema(conn)
             target = await catalog.resolve(conn, job)
-            await take_lock(conn, job, wait=job.limits.lock_wait)
+            await take_lock(conn, job.name, wait=job.limits.lock_wait)
             ckpt = await self._load_or_create(conn, target)
             session = PgSession(conn, job, target, ckpt)
             await session.prepare()
@@ -232,8 +232,7 @@ class PgConnector:
                     sql.OPEN_RUN, job.name, 0, job.fingerprint, __version__, str(self.identity)
                 )
                 await conn.execute(sql.START, job.name, 0, str(self.identity))
-            row = await conn.fetchrow(sql.LOAD, job.name, 0)
-            session._checkpoint = to_checkpoint(row)
+            session._checkpoint = await _load(conn, job.name, 0)
             return session
         except (ConfigError, JobBusy):
             raise
@@ -253,14 +252,20 @@ class PgConnector:
                 "new checkpoint; key range fixed",
                 extra={"job": job.name, "range_lo": lo, "range_hi": hi},
             )
-            row = await conn.fetchrow(sql.LOAD, job.name, 0)
-        ckpt = to_checkpoint(row)
+        ckpt = await _load(conn, job.name, 0)
         if ckpt.fingerprint != job.fingerprint:
             raise ConfigError(
                 f"job {job.name} changed since its checkpoint was made (table, key, set or where "
                 f"differ): run `backfill reset {job.name} --yes` to start over, or rename the job"
             )
         return ckpt
+
+
+async def _load(conn: asyncpg.Connection, name: str, shard: int) -> Checkpoint:
+    row = await conn.fetchrow(sql.LOAD, name, shard)
+    if row is None:
+        raise ConfigError(f"the checkpoint of job {name} vanished (reset mid-run?)")
+    return to_checkpoint(row)
 
 
 async def _close(conn: asyncpg.Connection) -> None:

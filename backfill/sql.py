@@ -113,7 +113,9 @@ WHERE l.locktype = 'advisory' AND l.granted
 """
 
 LOAD = f"SELECT * FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2"
-LOAD_ALL = f"SELECT * FROM {SCHEMA}.checkpoints WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard"
+LOAD_ALL = f"""
+SELECT * FROM {SCHEMA}.checkpoints WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard
+"""
 CREATE = f"""
 INSERT INTO {SCHEMA}.checkpoints
     (job, shard, shards, fingerprint, target, state, range_lo, range_hi, cursor)
@@ -162,7 +164,8 @@ SELECT * FROM {SCHEMA}.runs WHERE job = $1 ORDER BY id DESC LIMIT $2
 SKIP = f"""
 UPDATE {SCHEMA}.checkpoints
 SET cursor = $3, rows_skipped = rows_skipped + 1, batches = batches + 1,
-    skipped_keys = skipped_keys || jsonb_build_array(to_jsonb($3::text[])), updated_at = clock_timestamp()
+    skipped_keys = skipped_keys || jsonb_build_array(to_jsonb($3::text[])),
+    updated_at = clock_timestamp()
 WHERE job = $1 AND shard = $2
 RETURNING control
 """
@@ -182,7 +185,8 @@ WHERE a.attrelid = $1::oid AND a.attname = ANY($2::text[]) AND a.attnum > 0 AND 
 """
 # A valid, non-partial unique btree index on exactly the key columns, in the key's order.
 UNIQUE_INDEX = """
-SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+SELECT 1 FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
 WHERE i.indrelid = $1::oid AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
   AND i.indexprs IS NULL AND am.amname = 'btree' AND i.indnkeyatts = cardinality($2::int2[])
   AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality($2::int2[])] = $2::int2[]

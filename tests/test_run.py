@@ -24,7 +24,12 @@ async def test_updates_every_row_once(db: Database) -> None:
     assert (ckpt.rows_updated, ckpt.batches, ckpt.state) == (1050, 11, "succeeded")
     counts = await db.fetch("SELECT touched, count(*) FROM users GROUP BY touched")
     assert [tuple(r) for r in counts] == [(1, 1050)]
-    assert await db.fetchval("SELECT count(*) FROM users WHERE display_name = first_name || ' ' || last_name") == 1050
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM users WHERE display_name = first_name || ' ' || last_name"
+        )
+        == 1050
+    )
 
 
 async def test_rerun_after_success_does_nothing(db: Database) -> None:
@@ -82,7 +87,7 @@ async def test_second_runner_is_refused(db: Database) -> None:
         assert await holder.fetchval(
             "SELECT pg_try_advisory_lock(hashtext('backfill:' || 'users-display-name'), 0)"
         )
-        with pytest.raises(JobBusy, match="held by another runner: .*backend pid"):
+        with pytest.raises(JobBusy, match=r"held by another runner: .*backend pid"):
             await run(db, limits={"lock_wait": 0.3})
     finally:
         await holder.close()

@@ -1,0 +1,163 @@
+"""The CLI as a user runs it: real processes, exit codes, one-line errors, nothing changed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Database, cli, seed_users, users_job, write_job
+
+pytestmark = pytest.mark.anyio
+
+
+async def untouched(db: Database) -> bool:
+    return bool(await db.fetchval("SELECT max(touched) = 0 FROM users"))
+
+
+async def test_run_status_verify_reset(db: Database, tmp_path: Path) -> None:
+    await seed_users(db, "generate_series(1, 500)")
+    path = write_job(tmp_path, users_job())
+    env = db.env()
+    before = cli("verify", path, env=env)
+    assert before.returncode == 1 and "500 rows in range still match" in before.stdout
+
+    done = cli("run", path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "500 rows updated in 5 batches" in done.stderr
+    # Not on a terminal: JSON log lines, none per batch.
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert {line["msg"] for line in lines} >= {"run started", "state"}
+    assert len(lines) < 10
+
+    after = cli("verify", path, env=env)
+    assert after.returncode == 0 and "0 rows in range" in after.stdout
+
+    status = cli("status", "users-display-name", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    (entry,) = data["jobs"]
+    assert (entry["state"], entry["rows_updated"], entry["batches"], entry["progress"]) == (
+        "succeeded",
+        500,
+        5,
+        1.0,
+    )
+    assert entry["cursor"] == ["500"]
+    assert [r["outcome"] for r in data["runs"]] == ["succeeded"]
+    text = cli("status", env=env)
+    assert "users-display-name[0]  succeeded" in text.stdout
+
+    refused = cli("reset", "users-display-name", env=env)
+    assert refused.returncode == 2
+    reset = cli("reset", "users-display-name", "--yes", env=env)
+    assert reset.returncode == 0 and "forgot 1 checkpoint" in reset.stdout
+    assert json.loads(cli("status", "--json", env=env).stdout)["jobs"] == []
+
+
+async def test_plan_changes_nothing(db: Database, tmp_path: Path) -> None:
+    await seed_users(db, "generate_series(1, 3000)")
+    await db.execute("ANALYZE users")
+    out = cli("plan", write_job(tmp_path, users_job()), env=db.env())
+    assert out.returncode == 0, out.stderr
+    assert "batches   ~30 of 100" in out.stdout
+    assert 'UPDATE "public"."users" SET' in out.stdout
+    assert "EXPLAIN ANALYZE of one batch" in out.stdout and "Index" in out.stdout
+    assert await untouched(db)
+    assert await db.fetchval("SELECT count(*) FROM backfill.checkpoints") == 0
+
+
+BAD_JOBS: dict[str, tuple[dict[str, Any], str]] = {
+    "missing table": ({"table": "public.nope"}, "table: public.nope does not exist"),
+    "view": ({"table": "users_view"}, "table: public.users_view is a view"),
+    "missing key column": ({"key": "uid"}, "key: column uid does not exist"),
+    "key not unique": ({"key": "first_name"}, "key: (first_name) is not unique"),
+    "key nullable": (
+        {"key": "display_name"},
+        "key: column display_name of public.users allows NULL",
+    ),
+    "unknown column in set": ({"set": "nickname = 'x'"}, 'set/where: column "nickname" of'),
+    "syntax error in where": ({"where": "display_name IS"}, "syntax error"),
+    "quote in table": ({"table": 'public."users'}, "table: "),
+    "semicolon in table": ({"table": "users; drop table users"}, "table: "),
+    "unicode table": ({"table": "usérs"}, "table: "),
+    "semicolon in set": ({"set": "display_name = 'x'; DROP TABLE users"}, "set: must be a single"),
+    "huge batch": ({"batch": {"size": 10**9}}, "batch.size: "),
+    "negative sleep": ({"batch": {"sleep_seconds": -1}}, "batch.sleep_seconds: "),
+    "bad duration": ({"limits": {"statement_timeout": "soon"}}, "limits.statement_timeout: "),
+    "bad name": ({"name": "Users Job"}, "name: "),
+    "unknown field": ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_JOBS)
+async def test_bad_job_exits_78_and_changes_nothing(
+    db: Database, tmp_path: Path, case: str
+) -> None:
+    await seed_users(db, "generate_series(1, 50)")
+    await db.execute("CREATE VIEW users_view AS SELECT * FROM users")
+    overrides, message = BAD_JOBS[case]
+    out = cli("run", write_job(tmp_path, users_job(**overrides)), env=db.env())
+    assert out.returncode == 78, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("backfill: error: ") and message in last, last
+    assert await untouched(db)
+
+
+async def test_malformed_toml(db: Database, tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text('name = "x"\ntable = \n')
+    out = cli("run", path, env=db.env())
+    assert out.returncode == 78 and "not valid TOML" in out.stderr
+    missing = cli("run", tmp_path / "nope.toml", env=db.env())
+    assert missing.returncode == 78 and "cannot read job file" in missing.stderr
+
+
+async def test_changed_job_is_refused(db: Database, tmp_path: Path) -> None:
+    await seed_users(db, "generate_series(1, 50)")
+    assert cli("run", write_job(tmp_path, users_job()), env=db.env()).returncode == 0
+    changed = cli("run", write_job(tmp_path, users_job(where="true")), env=db.env())
+    assert changed.returncode == 78
+    assert "changed since its checkpoint" in changed.stderr and "reset" in changed.stderr
+
+
+async def test_missing_state_schema(db: Database, tmp_path: Path) -> None:
+    await seed_users(db, "generate_series(1, 50)")
+    await db.execute("DROP SCHEMA backfill CASCADE")
+    out = cli("run", write_job(tmp_path, users_job()), env=db.env())
+    assert out.returncode == 78 and "run `backfill init` first" in out.stderr
+    assert cli("init", env=db.env()).returncode == 0
+    assert cli("run", write_job(tmp_path, users_job()), env=db.env()).returncode == 0
+
+
+async def test_connection_problems(db: Database, tmp_path: Path) -> None:
+    await seed_users(db, "generate_series(1, 50)")
+    path = write_job(tmp_path, users_job(limits={"connect_retry_seconds": 0}))
+    wrong_user = db.env(BACKFILL_DATABASE_URL=db.server.dsn(db.name, user="nobody_here"))
+    out = cli("run", path, env=wrong_user)
+    assert out.returncode == 78 and 'role "nobody_here" does not exist' in out.stderr
+    closed = db.env(BACKFILL_DATABASE_URL=f"postgresql://u:s3cret-pw@127.0.0.1:1/{db.name}")
+    out = cli("run", path, env=closed)
+    assert out.returncode == 69 and "database unavailable" in out.stderr
+    assert "s3cret-pw" not in out.stderr + out.stdout
+
+
+async def test_pg_variables_are_used(db: Database, tmp_path: Path) -> None:
+    await seed_users(db, "generate_series(1, 50)")
+    env = db.env()
+    del env["BACKFILL_DATABASE_URL"]
+    env |= {
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(db.server.port),
+        "PGUSER": "postgres",
+        "PGDATABASE": db.name,
+    }
+    out = cli("run", write_job(tmp_path, users_job()), env=env)
+    assert out.returncode == 0, out.stderr
+
+
+async def test_bad_command_line_exits_2(db: Database) -> None:
+    assert cli("run", env=db.env()).returncode == 2
+    assert cli("frobnicate", env=db.env()).returncode == 2

@@ -1,0 +1,75 @@
+"""The codebase's own checks: ruff on package and tests, mypy --strict on the package, and no
+import cycles between modules."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "backfill"
+
+
+def test_ruff() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "backfill", "tests", "benchmarks"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_mypy_strict() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "backfill"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("backfill"):
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            found |= {n for n in names if (PACKAGE / f"{n.split('.')[-1]}.py").exists()} or {
+                node.module
+            }
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("backfill")}
+    return {name for name in found if name != "backfill"}
+
+
+def test_no_import_cycles() -> None:
+    graph = {
+        f"backfill.{p.stem}": {i for i in _imports(p) if i != f"backfill.{p.stem}"}
+        for p in PACKAGE.glob("*.py")
+        if p.stem not in ("__init__", "__main__")
+    }
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path, node, nxt]))
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [])
+
+
+def test_only_the_edge_imports_asyncpg() -> None:
+    # The loop and its values talk to protocols; asyncpg stays at the edge.
+    for name in ("loop", "protocols", "checkpoint", "sizing", "throttle", "job", "errors",
+                 "progress", "observers", "shutdown"):
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not any(m.split(".")[0] == "asyncpg" for m in modules), name
