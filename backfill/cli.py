@@ -15,11 +15,18 @@ import anyio
 import typer
 from pydantic import ValidationError
 
-from backfill import commands, logs
+from backfill import commands, control, logs
 from backfill.errors import BackfillError, ConfigError, ExitCode
 from backfill.job import Job, load_job
 from backfill.progress import fraction, human_seconds
-from backfill.settings import ConnectParams, DatabaseSettings
+from backfill.ranges import Shard
+from backfill.settings import (
+    DEFAULT_METRICS_PORT,
+    ConnectParams,
+    DatabaseSettings,
+    Telemetry,
+    TelemetrySettings,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -99,12 +106,45 @@ def plan(path: JobPath) -> None:
 
 
 @app.command()
-def run(path: JobPath) -> None:
+def run(
+    path: JobPath,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            envvar="BACKFILL_SHARD",
+            help="Work only shard i of N (0-based), e.g. 2/4; in an Indexed Job: "
+            "--shard $(JOB_COMPLETION_INDEX)/N.",
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, show_default=False,
+            help=f"Serve Prometheus metrics and /healthz on this port during the run; 0: don't "
+            f"[default: $BACKFILL_METRICS_PORT or {DEFAULT_METRICS_PORT}].",
+        ),
+    ] = None,
+    progress_every: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1, show_default=False,
+            help="Seconds between progress log lines when not on a terminal "
+            "[default: $BACKFILL_PROGRESS_LOG_SECONDS or 30].",
+        ),
+    ] = None,
+) -> None:
     """Run (or resume) a job. Ctrl-C or SIGTERM stops after the batch in flight."""
     job, params = _job(path), _params_or_exit()
-    ckpt = _run(lambda: commands.run(job, params))
+    try:
+        part = Shard.parse(shard) if shard is not None else Shard()
+        telemetry = _telemetry(metrics_port=metrics_port, log_every=progress_every)
+    except BackfillError as error:
+        raise _fail(error) from None
+    ckpt = _run(lambda: commands.run(job, params, shard=part, telemetry=telemetry))
+    label = f" shard {part}" if part.count > 1 else ""
     typer.echo(
-        f"job {job.name} done: {ckpt.rows_updated:,} rows updated in {ckpt.batches:,} batches"
+        f"job {job.name}{label} done: "
+        f"{ckpt.rows_updated:,} rows updated in {ckpt.batches:,} batches"
         + (f", {ckpt.rows_skipped} skipped" if ckpt.rows_skipped else ""),
         err=True,
     )
@@ -118,23 +158,42 @@ def status(
     """Every job's checkpoint: state, cursor, rows, batches, progress; with NAME, its runs."""
     params = _params_or_exit()
     st = _run(lambda: commands.status(params, name))
-    if name is not None and not st.checkpoints:
+    if name is not None and not st.checkpoints and name not in st.pending:
         raise _fail(ConfigError(f"no checkpoint for job {name}"))
-    entries = [_status_entry(c) for c in st.checkpoints]
+    entries = [
+        _status_entry(c) | _rate_entry(st.rates.get((c.job, c.shard))) for c in st.checkpoints
+    ]
     if as_json:
         runs = [{k: _plain(v) for k, v in r.items()} for r in st.history]
-        typer.echo(json.dumps({"jobs": entries, "runs": runs}, indent=2))
+        totals = _totals(entries)
+        typer.echo(json.dumps(
+            {"jobs": entries, "totals": totals, "runs": runs, "pending": st.pending}, indent=2
+        ))
         return
     for e in entries:
         pct = "?" if e["progress"] is None else f"{100 * e['progress']:.1f}%"
         typer.echo(
             f"{e['job']}[{e['shard']}]  {e['state']:<11} {pct:>6}  rows {e['rows_updated']:,}  "
             f"batches {e['batches']:,}  cursor {_key(e['cursor'])}  updated {e['updated_at']}"
+            + _pace(e)
         )
         if e["rows_skipped"]:
             typer.echo(f"  skipped {e['rows_skipped']}: " + ", ".join(map(_key, e["skipped_keys"])))
         if e["error"]:
             typer.echo(f"  last error: {e['error']}")
+        if name is not None or e["control"]:
+            for line in _live_lines(e["job"], e["settings"], e["control"], every=name is not None):
+                typer.echo(line)
+    for job_name, overrides in st.pending.items():
+        typer.echo(f"{job_name}  not started yet; its first run starts with:")
+        for line in _live_lines(job_name, {}, overrides, every=False):
+            typer.echo(line)
+    for job_name, t in _totals(entries).items():
+        if t["shards"] > 1:
+            typer.echo(
+                f"{job_name}  total: {t['succeeded']}/{t['shards']} shards succeeded  "
+                f"rows {t['rows_updated']:,}  batches {t['batches']:,}"
+            )
     for r in st.history:
         typer.echo(
             f"  run {r['id']}: {r['outcome']:<11} {r['started_at']:%Y-%m-%d %H:%M:%S} .. "
@@ -171,6 +230,51 @@ def reset(
 
 
 @app.command()
+def pause(name: Name) -> None:
+    """Pause a job: its runner stops before the next batch and waits, across restarts too."""
+    params = _params_or_exit()
+    _said(_run(lambda: commands.pause(params, name)), f"job {name} paused")
+
+
+@app.command()
+def resume(name: Name) -> None:
+    """Undo `pause`: a waiting runner goes on within check_every."""
+    params = _params_or_exit()
+    _said(_run(lambda: commands.resume(params, name)), f"job {name} resumed")
+
+
+@app.command("set")
+def set_(
+    name: Name,
+    assignments: Annotated[
+        list[str],
+        typer.Argument(
+            help="key=value pairs: batch.size, batch.max_size, batch.target_seconds, "
+            "batch.sleep_seconds, batch.sleep_ratio, limits.max_rows_per_second, "
+            "throttle.check_every, throttle.max_replication_lag, throttle.max_slot_lag_bytes, "
+            "throttle.max_active_sessions, throttle.on_check_error. A value 'off' switches an "
+            "optional limit off; 'default' goes back to the job file's value.",
+            show_default=False,
+        ),
+    ],
+) -> None:
+    """Change live settings of a job, running or not, without a restart."""
+    params = _params_or_exit()
+    _said(_run(lambda: commands.set_live(params, name, assignments)), f"job {name} updated")
+
+
+def _said(result: commands.Controlled, what: str) -> None:
+    if result.pending:
+        where = "it has not started yet; its first run starts with these"
+    elif result.runners:
+        where = "its runner picks this up within one batch (or check_every while waiting)"
+    else:
+        where = "no runner holds it now; its next run starts with these"
+    shown = ", ".join(f"{k}={_setting(v)}" for k, v in result.control.items()) or "none"
+    typer.echo(f"{what}: {where}\nlive overrides: {shown}")
+
+
+@app.command()
 def demo(
     rows: Annotated[int, typer.Option(help="Rows to seed.")] = 1_000_000,
     batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 5000,
@@ -182,6 +286,15 @@ def demo(
         demo_module.main(rows=rows, batch_size=batch_size)
     except BackfillError as error:
         raise _fail(error) from None
+
+
+def _telemetry(*, metrics_port: int | None, log_every: float | None) -> Telemetry:
+    try:
+        settings = TelemetrySettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"metrics settings: {first['loc'][-1]}: {first['msg']}") from exc
+    return settings.telemetry(metrics_port=metrics_port, log_every=log_every)
 
 
 def _params_or_exit() -> ConnectParams:
@@ -201,11 +314,70 @@ def _plain(value: Any) -> Any:
     return value.isoformat() if hasattr(value, "isoformat") else value
 
 
+def _live_lines(
+    job: str, settings: dict[str, Any], overrides: dict[str, Any], *, every: bool
+) -> list[str]:
+    """Live control for ``status``: a pause, and each setting's job-file and live value (all
+    live settings with ``every``, else only the overridden ones)."""
+    lines = [f"  paused by an operator: `backfill resume {job}` to go on"] if overrides.get(
+        control.PAUSED
+    ) else []
+    for key in control.LIVE_KEYS:
+        if key in overrides:
+            was = _setting(settings.get(key, "?"))
+            lines.append(f"  {key:<30} {_setting(overrides[key])}  (live; job file: {was})")
+        elif every and key in settings:
+            lines.append(f"  {key:<30} {_setting(settings[key])}")
+    return lines
+
+
+def _setting(value: Any) -> str:
+    return "off" if value is None else str(value)
+
+
 def _status_entry(c: Any) -> dict[str, Any]:
     entry = {k: _plain(v) for k, v in asdict(c).items()}
     done = c.state == "succeeded"
     entry["progress"] = 1.0 if done else fraction(c.range_lo, c.range_hi, c.cursor)
     return entry
+
+
+def _rate_entry(rate: commands.Rate | None) -> dict[str, Any]:
+    if rate is None:
+        return {"rows_per_second": None, "eta_seconds": None, "last_commit_age_seconds": None}
+    return {
+        "rows_per_second": None if rate.rows_per_second is None else round(rate.rows_per_second, 1),
+        "eta_seconds": None if rate.eta_seconds is None else round(rate.eta_seconds),
+        "last_commit_age_seconds": rate.last_commit_age_seconds,
+    }
+
+
+def _pace(e: dict[str, Any]) -> str:
+    """``  1,234 rows/s  ETA 5m20s`` from the run history, when known."""
+    out = ""
+    if e["rows_per_second"] is not None:
+        out += f"  {e['rows_per_second']:,.0f} rows/s"
+    if e["eta_seconds"] is not None:
+        ago = e["last_commit_age_seconds"]
+        out += f"  ETA {human_seconds(e['eta_seconds'])}" + (
+            f" (as of {human_seconds(ago)} ago)" if ago is not None and ago >= 60 else ""
+        )
+    return out
+
+
+def _totals(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each job's sum over its shards."""
+    totals: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        t = totals.setdefault(
+            e["job"], {"shards": 0, "succeeded": 0, "rows_updated": 0, "rows_skipped": 0,
+                       "batches": 0}
+        )
+        t["shards"] += 1
+        t["succeeded"] += e["state"] == "succeeded"
+        for k in ("rows_updated", "rows_skipped", "batches"):
+            t[k] += e[k]
+    return totals
 
 
 def main() -> None:

@@ -14,21 +14,26 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO, TypeVar
 
 import anyio
 import asyncpg
 
-from backfill import catalog, sql
-from backfill.checkpoint import Checkpoint
-from backfill.errors import BackfillError, ConfigError, Interrupted
+from backfill import catalog, control, governor, sql
+from backfill.checkpoint import FAILED, INTERRUPTED, Checkpoint
+from backfill.errors import BackfillError, ConfigError, Interrupted, RowError
+from backfill.estimate import FirstStart, estimate_progress
+from backfill.export import Exporter
+from backfill.gates import PgProbe
 from backfill.job import Job
 from backfill.loop import Loop, Policy
+from backfill.metrics import RunMetrics
 from backfill.observers import Fanout, LogLines, Progress, TerminalLine
 from backfill.pg import Budget, connect, translate
-from backfill.progress import Tracker
+from backfill.progress import Tracker, run_rate
 from backfill.protocols import Observer, Throttle
+from backfill.ranges import CREATING, WHOLE, Shard
 from backfill.session import (
     Identity,
     PgConnector,
@@ -37,9 +42,9 @@ from backfill.session import (
     take_lock,
     to_checkpoint,
 )
-from backfill.settings import ConnectParams
+from backfill.settings import ConnectParams, Telemetry
 from backfill.shutdown import Stop, stop_after, watch_signals
-from backfill.throttle import AllOf, FixedSleep
+from backfill.throttle import AllOf
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +100,14 @@ def policy_for(job: Job) -> Policy:
     )
 
 
-def default_observers(job: Job, tracker: Tracker, stream: TextIO) -> list[Observer]:
+def default_observers(
+    job: Job, tracker: Tracker, stream: TextIO, *, log_every: float = 30.0
+) -> list[Observer]:
     progress = Progress(tracker)
     shown: Observer = (
-        TerminalLine(stream, progress) if stream.isatty() else LogLines(job.name, progress)
+        TerminalLine(stream, progress)
+        if stream.isatty()
+        else LogLines(job.name, progress, every=log_every)
     )
     return [progress, shown]
 
@@ -110,41 +119,93 @@ async def run(
     observers: Sequence[Observer] | None = None,
     throttles: Sequence[Throttle] = (),
     stream: TextIO | None = None,
+    shard: Shard = WHOLE,
+    telemetry: Telemetry | None = None,
 ) -> Checkpoint:
     """Run the job to the end of its key range (or resume it). Returns the final checkpoint.
 
     SIGTERM/SIGINT stop after the batch in flight (``Interrupted``, exit 75); a second signal
-    aborts the batch in flight, which rolls back.
+    aborts the batch in flight, which rolls back. With ``telemetry``, the run's Prometheus
+    metrics are served and/or pushed (``backfill.export``) for as long as it lasts.
     """
     tracker = Tracker()
+    trackers: list[Tracker] = []  # those that show progress, for a text key's sampled estimate
     if observers is None:
-        observers = default_observers(job, tracker, stream or sys.stderr)
+        log_every = telemetry.log_every if telemetry is not None else 30.0
+        observers = default_observers(job, tracker, stream or sys.stderr, log_every=log_every)
+        trackers.append(tracker)
+    exporter: Exporter | None = None
+    if telemetry is not None:
+        metrics = RunMetrics(job=job.name, table=job.table.display, shard=shard.index)
+        exporter = Exporter(metrics, telemetry)
+        observers = [*observers, metrics]
+        trackers.append(metrics.tracker)
+    first = FirstStart()
+    observers = [first, *observers]
     stop = Stop()
+    # Gates and live control while no batch runs use a small second connection, opened lazily.
+    probe = PgProbe(params, job, shard=shard.index)
+    gov = governor.for_job(job, probe)
     loop = Loop(
         policy_for(job),
-        PgConnector(params, job, identity=identity()),
-        throttle=AllOf([FixedSleep(job.batch.sleep_seconds), *throttles]),
+        PgConnector(params, job, identity=identity(), shard=shard),
+        throttle=AllOf([gov, *throttles]),
         observer=Fanout(observers),
         stop=stop,
+        sizer=gov.live.sizer,
+        control=gov.live,
     )
     outcome: Checkpoint | BaseException | None = None
     abort = anyio.CancelScope()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch_signals, stop, abort)
-        if job.limits.max_run_seconds is not None:
-            tg.start_soon(stop_after, stop, job.limits.max_run_seconds)
-        with abort:
-            try:
-                outcome = await loop.run()
-            except BackfillError as error:
-                outcome = error
-        tg.cancel_scope.cancel()
+    if exporter is not None:
+        exporter.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_signals, stop, abort)
+            if job.limits.max_run_seconds is not None:
+                tg.start_soon(stop_after, stop, job.limits.max_run_seconds)
+            if trackers:
+                tg.start_soon(estimate_progress, params, job, first, trackers)
+            if exporter is not None:
+                tg.start_soon(exporter.push_periodically)
+            with abort:
+                try:
+                    outcome = await loop.run()
+                except BackfillError as error:
+                    outcome = error
+            tg.cancel_scope.cancel()
+    finally:
+        await probe.aclose()
+        _log_end(job, outcome)
+        if exporter is not None:
+            await exporter.close(
+                _final_state(outcome, aborted=abort.cancelled_caught),
+                outcome if isinstance(outcome, BaseException) else None,
+            )
     if abort.cancelled_caught:
         raise Interrupted("aborted by a second signal; the batch in flight rolled back")
     if isinstance(outcome, BaseException):
         raise outcome
     assert outcome is not None
     return outcome
+
+
+def _final_state(outcome: Checkpoint | BaseException | None, *, aborted: bool) -> str:
+    if aborted or isinstance(outcome, Interrupted):
+        return INTERRUPTED
+    if isinstance(outcome, Checkpoint):
+        return outcome.state
+    return FAILED
+
+
+def _log_end(job: Job, outcome: Checkpoint | BaseException | None) -> None:
+    """One structured line for a run that failed (the CLI prints the same as plain text)."""
+    if isinstance(outcome, BackfillError) and not isinstance(outcome, Interrupted):
+        extra: dict[str, Any] = {"job": job.name, "error": str(outcome),
+                                 "exit_code": int(outcome.exit_code)}
+        if isinstance(outcome, RowError):
+            extra["keys"] = list(outcome.keys)
+        log.error("run failed", extra=extra)
 
 
 # --- plan ---------------------------------------------------------------------------------------
@@ -250,9 +311,10 @@ async def _verify(conn: asyncpg.Connection, job: Job, size: int) -> int:
     target = await catalog.resolve(conn, job)
     lo, hi = None, None
     if await conn.fetchval(sql.STATE_EXISTS):
-        row = await conn.fetchrow(sql.LOAD, job.name, 0)
-        if row is not None:
-            lo, hi = row["range_lo"], row["range_hi"]
+        # The whole job's range: from the first shard's start to the last shard's end.
+        rows = await conn.fetch(sql.LOAD_ALL, job.name)
+        if rows:
+            lo, hi = rows[0]["range_lo"], rows[-1]["range_hi"]
     if lo is None:
         lo, hi = await conn.fetchval(sql.lowest(target)), await conn.fetchval(sql.highest(target))
     if lo is None:
@@ -273,9 +335,21 @@ async def _verify(conn: asyncpg.Connection, job: Job, size: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Rate:
+    """A shard's pace from the database alone (see ``progress.run_rate``)."""
+
+    rows_per_second: float | None  # the latest run's average
+    eta_seconds: float | None  # as of the last commit; only while a run is open
+    last_commit_age_seconds: float | None  # by the database's clock
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     checkpoints: list[Checkpoint]
     history: list[dict[str, Any]]
+    rates: dict[tuple[str, int], Rate] = field(default_factory=dict)
+    # Live overrides of jobs that have not started yet (`pause`/`set` before the first run).
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 async def status(params: ConnectParams, name: str | None = None, *, history: int = 10) -> Status:
@@ -284,9 +358,21 @@ async def status(params: ConnectParams, name: str | None = None, *, history: int
         await _guard(require_state_schema(conn))
         rows = await _guard(conn.fetch(sql.LOAD_ALL, name))
         runs = await _guard(conn.fetch(sql.HISTORY, name, history)) if name else []
+        latest = await _guard(conn.fetch(sql.LATEST_RUNS, name))
+        now = await _guard(conn.fetchval(sql.NOW))
+        pending = await _guard(conn.fetch(sql.PENDING_CONTROLS, name))
     finally:
         await conn.close()
-    return Status([to_checkpoint(r) for r in rows], [dict(r) for r in runs])
+    checkpoints = [to_checkpoint(r) for r in rows]
+    by_shard = {(r["job"], r["shard"]): dict(r) for r in latest}
+    rates = {}
+    for c in checkpoints:
+        rate, eta = run_rate(c, by_shard.get((c.job, c.shard)))
+        age = (now - c.updated_at).total_seconds() if c.updated_at is not None else None
+        rates[(c.job, c.shard)] = Rate(rate, eta, age)
+    return Status(
+        checkpoints, [dict(r) for r in runs], rates, {r["job"]: r["control"] for r in pending}
+    )
 
 
 async def reset(params: ConnectParams, name: str) -> int:
@@ -294,8 +380,82 @@ async def reset(params: ConnectParams, name: str) -> int:
     conn = await _guard(_admin(params, "reset"))
     try:
         await _guard(require_state_schema(conn))
-        await _guard(take_lock(conn, name, wait=2.0))
+        shards = await _guard(conn.fetchval(sql.SHARD_COUNT, name)) or 1
+        for shard in range(shards):
+            await _guard(take_lock(conn, name, shard=shard, wait=2.0))
         result = await _guard(conn.execute(sql.RESET, name))
     finally:
         await conn.close()
     return int(result.split()[-1])
+
+
+# --- live control: pause, resume, set -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Controlled:
+    """A job's live overrides after ``pause``, ``resume`` or ``set``."""
+
+    job: str
+    control: dict[str, Any]
+    pending: bool  # the job has not started yet: its first run starts with these
+    runners: list[str]  # who holds the job's shards now (they pick the change up)
+
+
+async def pause(params: ConnectParams, name: str) -> Controlled:
+    """Pause a job: its runner finishes the batch in flight and waits (a paused job stays
+    paused across restarts until ``resume``). Works before the job's first run too."""
+    return await _change_control(params, name, {control.PAUSED: True}, verb="pause")
+
+
+async def resume(params: ConnectParams, name: str) -> Controlled:
+    """Undo ``pause``; a waiting runner goes on within ``check_every``."""
+    return await _change_control(params, name, {control.PAUSED: control.DEFAULT}, verb="resume")
+
+
+async def set_live(params: ConnectParams, name: str, assignments: Sequence[str]) -> Controlled:
+    """Override live settings (``["batch.size=500", "limits.max_rows_per_second=off"]``;
+    ``key=default`` removes an override). Bad keys or values raise ``ConfigError`` and change
+    nothing."""
+    changes = control.parse_assignments(assignments)
+    return await _change_control(params, name, changes, verb="set")
+
+
+async def _change_control(
+    params: ConnectParams, name: str, changes: dict[str, Any], *, verb: str
+) -> Controlled:
+    control.check_name(name)
+    conn = await _guard(_admin(params, verb))
+    try:
+        await _guard(require_state_schema(conn))
+        return await _guard(_apply_changes(conn, name, changes))
+    finally:
+        await conn.close()
+
+
+async def _apply_changes(
+    conn: asyncpg.Connection, name: str, changes: dict[str, Any]
+) -> Controlled:
+    async with conn.transaction():
+        # The lock a first run holds while it creates the checkpoints: they either exist now,
+        # or will be created after this commits, starting from the pending overrides.
+        await conn.execute(sql.LOCK_CREATING, name, CREATING)
+        rows = await conn.fetch(sql.CONTROL_ROWS, name)
+        if rows:
+            settings, current = rows[0]["settings"] or {}, rows[0]["control"] or {}
+        else:
+            settings, current = {}, await conn.fetchval(sql.CONTROL_PENDING, name) or {}
+        new = control.merge(settings, current, changes)
+        if rows:
+            await conn.execute(sql.CONTROL_UPDATE, name, new)
+            await conn.execute(sql.CONTROL_FORGET_PENDING, name)
+        else:
+            await conn.execute(sql.CONTROL_SAVE_PENDING, name, new)
+    runners = []
+    for row in rows:
+        holder = await conn.fetchrow(sql.LOCK_HOLDER, name, row["shard"])
+        if holder is not None:
+            runners.append(f"shard {row['shard']}: backend pid {holder['pid']}")
+    log.info("live control set", extra={"job": name, "control": new})
+    return Controlled(job=name, control=new, pending=not rows, runners=runners)
+

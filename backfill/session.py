@@ -18,11 +18,13 @@ from typing import Any
 import anyio
 import asyncpg
 
-from backfill import __version__, catalog, sql
+from backfill import __version__, catalog, ranges, sql
 from backfill.checkpoint import BatchResult, Checkpoint, Key
+from backfill.control import file_settings
 from backfill.errors import ConfigError, JobBusy
 from backfill.job import Job
 from backfill.pg import Budget, connect, translate
+from backfill.ranges import WHOLE, Shard
 from backfill.settings import ConnectParams
 from backfill.sql import Target
 
@@ -55,6 +57,11 @@ async def open_connection(params: ConnectParams, job: Job) -> asyncpg.Connection
 async def require_state_schema(conn: asyncpg.Connection) -> None:
     if not await conn.fetchval(sql.STATE_EXISTS):
         raise ConfigError("the state schema 'backfill' does not exist: run `backfill init` first")
+    if not await conn.fetchval(sql.STATE_CURRENT):
+        raise ConfigError(
+            "the state schema 'backfill' is from an older version: "
+            "run `backfill init` to upgrade it"
+        )
 
 
 def to_checkpoint(row: asyncpg.Record) -> Checkpoint:
@@ -75,6 +82,7 @@ def to_checkpoint(row: asyncpg.Record) -> Checkpoint:
         batches=row["batches"],
         skipped_keys=tuple(tuple(k) for k in row["skipped_keys"]),
         control=row["control"],
+        settings=row.get("settings") or {},
         holder=row["holder"],
         error=row["error"],
         started_at=row["started_at"],
@@ -113,6 +121,7 @@ class PgSession:
     ) -> None:
         self.conn = conn
         self.job = job
+        self.shard = checkpoint.shard
         self.target = target
         self._checkpoint = checkpoint
         self.run_id: int | None = None
@@ -149,7 +158,7 @@ class PgSession:
         after, upto = self._bounds(cursor)
         start = time.perf_counter()
         try:
-            row = await statement.fetchrow(after, upto, size, self.job.name, 0)
+            row = await statement.fetchrow(after, upto, size, self.job.name, self.shard)
         except Exception as exc:
             raise self._translate(exc) from exc
         seconds = time.perf_counter() - start
@@ -175,17 +184,17 @@ class PgSession:
 
     async def skip(self, key: Key) -> None:
         try:
-            await self.conn.fetchval(sql.SKIP, self.job.name, 0, list(key))
+            await self.conn.fetchval(sql.SKIP, self.job.name, self.shard, list(key))
         except Exception as exc:
             raise self._translate(exc) from exc
         self._checkpoint = _advance(self._checkpoint, key, 0, dict(self._checkpoint.control))
 
     async def finish(self, state: str, *, error: str | None = None) -> None:
         async with self.conn.transaction():
-            await self.conn.execute(sql.FINISH, self.job.name, 0, state, error)
+            await self.conn.execute(sql.FINISH, self.job.name, self.shard, state, error)
             if self.run_id is not None:
                 await self.conn.execute(sql.CLOSE_RUN, self.run_id, state, error)
-        row = await self.conn.fetchrow(sql.LOAD, self.job.name, 0)
+        row = await self.conn.fetchrow(sql.LOAD, self.job.name, self.shard)
         if row is not None:
             self._checkpoint = to_checkpoint(row)
 
@@ -203,10 +212,13 @@ def _advance(ckpt: Checkpoint, cursor: Key, rows: int, control: dict[str, Any]) 
 class PgConnector:
     """Opens sessions for one job: connect, check, lock, load or create the checkpoint."""
 
-    def __init__(self, params: ConnectParams, job: Job, *, identity: Identity) -> None:
+    def __init__(
+        self, params: ConnectParams, job: Job, *, identity: Identity, shard: Shard = WHOLE
+    ) -> None:
         self.params = params
         self.job = job
         self.identity = identity
+        self.shard = shard
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[PgSession]:
@@ -218,21 +230,22 @@ class PgConnector:
                 await _close(conn)
 
     async def _open(self, conn: asyncpg.Connection) -> PgSession:
-        job = self.job
+        job, shard = self.job, self.shard.index
         try:
             await require_state_schema(conn)
             target = await catalog.resolve(conn, job)
-            await take_lock(conn, job.name, wait=job.limits.lock_wait)
+            await take_lock(conn, job.name, shard=shard, wait=job.limits.lock_wait)
             ckpt = await self._load_or_create(conn, target)
             session = PgSession(conn, job, target, ckpt)
             await session.prepare()
             async with conn.transaction():
-                await conn.execute(sql.CLOSE_ABANDONED, job.name, 0)
+                await conn.execute(sql.CLOSE_ABANDONED, job.name, shard)
                 session.run_id = await conn.fetchval(
-                    sql.OPEN_RUN, job.name, 0, job.fingerprint, __version__, str(self.identity)
+                    sql.OPEN_RUN, job.name, shard, job.fingerprint, __version__, str(self.identity)
                 )
-                await conn.execute(sql.START, job.name, 0, str(self.identity))
-            session._checkpoint = await _load(conn, job.name, 0)
+                await conn.execute(sql.START, job.name, shard, str(self.identity))
+                await conn.execute(sql.SAVE_SETTINGS, job.name, shard, file_settings(job))
+            session._checkpoint = await _load(conn, job.name, shard)
             return session
         except (ConfigError, JobBusy):
             raise
@@ -240,19 +253,12 @@ class PgConnector:
             raise translate(exc, closed=conn.is_closed()) from exc
 
     async def _load_or_create(self, conn: asyncpg.Connection, target: Target) -> Checkpoint:
-        job = self.job
-        row = await conn.fetchrow(sql.LOAD, job.name, 0)
-        if row is None:
-            lo = await conn.fetchval(sql.lowest(target))
-            hi = await conn.fetchval(sql.highest(target))
-            await conn.execute(
-                sql.CREATE, job.name, 0, 1, job.fingerprint, job.table.display, lo, hi, None
-            )
-            log.info(
-                "new checkpoint; key range fixed",
-                extra={"job": job.name, "range_lo": lo, "range_hi": hi},
-            )
-        ckpt = await _load(conn, job.name, 0)
+        job, shard = self.job, self.shard
+        if await conn.fetchrow(sql.LOAD, job.name, shard.index) is None:
+            await ranges.create_checkpoints(conn, job, target, shards=shard.count)
+        ckpt = await _load(conn, job.name, shard.index)
+        if ckpt.shards != shard.count:
+            raise ranges.mismatch(job.name, ckpt.shards, shard.count)
         if ckpt.fingerprint != job.fingerprint:
             raise ConfigError(
                 f"job {job.name} changed since its checkpoint was made (table, key, set or where "

@@ -98,9 +98,25 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.runs (
     error          text
 );
 CREATE INDEX IF NOT EXISTS runs_job ON {SCHEMA}.runs (job, shard, id);
+-- Where the run's cursor was when it started: `status` derives its rate and ETA from it.
+ALTER TABLE {SCHEMA}.runs ADD COLUMN IF NOT EXISTS cursor_at_start text[];
+-- Live control: the job file's speed settings as the last run saw them (for `status`), and the
+-- overrides set before a job's first run (its checkpoints start with them).
+ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS settings jsonb NOT NULL DEFAULT '{{}}';
+CREATE TABLE IF NOT EXISTS {SCHEMA}.controls (
+    job        text        PRIMARY KEY,
+    control    jsonb       NOT NULL DEFAULT '{{}}',
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
 """
 
 STATE_EXISTS = f"SELECT to_regclass('{SCHEMA}.checkpoints') IS NOT NULL"
+# Everything a later version added to INIT is there (else `backfill init` upgrades it).
+STATE_CURRENT = f"""
+SELECT to_regclass('{SCHEMA}.controls') IS NOT NULL
+   AND EXISTS (SELECT FROM pg_attribute WHERE attrelid = '{SCHEMA}.checkpoints'::regclass
+               AND attname = 'settings' AND NOT attisdropped)
+"""
 
 # An advisory lock per (job, shard); session-level, so it dies with the runner's connection.
 TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext('backfill:' || $1), $2)"
@@ -112,14 +128,22 @@ WHERE l.locktype = 'advisory' AND l.granted
   AND l.classid = hashtext('backfill:' || $1)::oid AND l.objid = $2::oid
 """
 
+LOCK_CREATING = "SELECT pg_advisory_xact_lock(hashtext('backfill:' || $1), $2)"
+SHARD_COUNT = f"SELECT max(shards) FROM {SCHEMA}.checkpoints WHERE job = $1"
+TABLE_SIZE = """
+SELECT c.reltuples::float8, c.relpages::float8
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2
+"""
 LOAD = f"SELECT * FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2"
 LOAD_ALL = f"""
 SELECT * FROM {SCHEMA}.checkpoints WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard
 """
 CREATE = f"""
 INSERT INTO {SCHEMA}.checkpoints
-    (job, shard, shards, fingerprint, target, state, range_lo, range_hi, cursor)
-VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8)
+    (job, shard, shards, fingerprint, target, state, range_lo, range_hi, cursor, control)
+VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8,
+        coalesce((SELECT control FROM {SCHEMA}.controls WHERE job = $1), '{{}}'))
 ON CONFLICT DO NOTHING
 """
 START = f"""
@@ -134,7 +158,10 @@ SET state = $3, error = $4, updated_at = now(),
     finished_at = CASE WHEN $3 = 'succeeded' THEN now() ELSE finished_at END
 WHERE job = $1 AND shard = $2
 """
-RESET = f"DELETE FROM {SCHEMA}.checkpoints WHERE job = $1"
+RESET = f"""
+WITH forgotten AS (DELETE FROM {SCHEMA}.controls WHERE job = $1)
+DELETE FROM {SCHEMA}.checkpoints WHERE job = $1
+"""
 
 # Runs: a row per execution. A run killed without a goodbye is closed by the next one from the
 # checkpoint's counters, so the audit trail stays exact without a write per batch.
@@ -146,8 +173,9 @@ FROM {SCHEMA}.checkpoints c
 WHERE r.job = $1 AND r.shard = $2 AND r.outcome = 'running' AND c.job = r.job AND c.shard = r.shard
 """
 OPEN_RUN = f"""
-INSERT INTO {SCHEMA}.runs (job, shard, fingerprint, version, host, rows_at_start, batches_at_start)
-SELECT $1, $2, $3, $4, $5, rows_updated, batches FROM {SCHEMA}.checkpoints
+INSERT INTO {SCHEMA}.runs
+    (job, shard, fingerprint, version, host, rows_at_start, batches_at_start, cursor_at_start)
+SELECT $1, $2, $3, $4, $5, rows_updated, batches, cursor FROM {SCHEMA}.checkpoints
 WHERE job = $1 AND shard = $2
 RETURNING id
 """
@@ -161,6 +189,12 @@ WHERE r.id = $1 AND c.job = r.job AND c.shard = r.shard
 HISTORY = f"""
 SELECT * FROM {SCHEMA}.runs WHERE job = $1 ORDER BY id DESC LIMIT $2
 """
+# Each shard's latest run, for the rate and ETA in `status`.
+LATEST_RUNS = f"""
+SELECT DISTINCT ON (job, shard) * FROM {SCHEMA}.runs
+WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard, id DESC
+"""
+NOW = "SELECT clock_timestamp()"
 SKIP = f"""
 UPDATE {SCHEMA}.checkpoints
 SET cursor = $3, rows_skipped = rows_skipped + 1, batches = batches + 1,
@@ -204,6 +238,15 @@ def lowest(t: Target) -> str:
 
 def highest(t: Target) -> str:
     return f"SELECT {t.as_text()} FROM {t.relation} ORDER BY {t.order('DESC')} LIMIT 1"
+
+
+def sample(t: Target) -> str:
+    """Keys from a page sample of $1 percent, within [$2, $3], in key order."""
+    return (
+        f"SELECT {t.as_text()} FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4) "
+        f"WHERE {t.row()} >= {t.param_row(2)} AND {t.row()} <= {t.param_row(3)} "
+        f"ORDER BY {t.order()}"
+    )
 
 
 def _after(t: Target, *, first: bool) -> str:
@@ -284,7 +327,74 @@ def key_of_next_row(t: Target, *, first: bool) -> str:
 
 ESTIMATED_ROWS = "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::oid"
 
+# Pages of a table (all partitions of a partitioned one), to size a page sample.
+TABLE_PAGES = """
+SELECT coalesce(sum(pg_relation_size(relid)), 0)::int8 / current_setting('block_size')::int8
+FROM pg_partition_tree($1::oid::regclass)
+"""
+
+
+def sample_counts(t: Target) -> str:
+    """Keys in a page sample of $1 percent that lie in the range [$2, $3] (all keys when $2 is
+    NULL), and those of them at or below the cursor $4 (none when NULL). Comparisons run on the
+    server, in the key's type and collation, so they agree with the order batches follow."""
+    row, lo, hi, cursor = t.row(), t.param_row(2), t.param_row(3), t.param_row(4)
+    return f"""
+SELECT count(*) FILTER (WHERE $2::text[] IS NULL OR ({row} >= {lo} AND {row} <= {hi})) AS in_range,
+       count(*) FILTER (WHERE $4::text[] IS NOT NULL AND {row} >= {lo} AND {row} <= {cursor})
+           AS done
+FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4)"""
+
 
 def explain(statement: str, *, analyze: bool = False) -> str:
     return f"EXPLAIN (ANALYZE {str(analyze).upper()}, COSTS TRUE) {statement}"
 
+
+# --- live control and health gates --------------------------------------------------------------
+
+SAVE_SETTINGS = f"UPDATE {SCHEMA}.checkpoints SET settings = $3 WHERE job = $1 AND shard = $2"
+# `pause`, `resume`, `set`: under the job's creation lock, so a first run that is creating the
+# checkpoints either sees the pending overrides or has already created the rows they go to.
+CONTROL_ROWS = f"""
+SELECT shard, settings, control FROM {SCHEMA}.checkpoints WHERE job = $1 ORDER BY shard FOR UPDATE
+"""
+CONTROL_PENDING = f"SELECT control FROM {SCHEMA}.controls WHERE job = $1 FOR UPDATE"
+CONTROL_UPDATE = f"UPDATE {SCHEMA}.checkpoints SET control = $2 WHERE job = $1"
+CONTROL_SAVE_PENDING = f"""
+INSERT INTO {SCHEMA}.controls (job, control) VALUES ($1, $2)
+ON CONFLICT (job) DO UPDATE SET control = EXCLUDED.control, updated_at = now()
+"""
+CONTROL_FORGET_PENDING = f"DELETE FROM {SCHEMA}.controls WHERE job = $1"
+# Jobs that have overrides but no checkpoint yet (never run), for `status`.
+PENDING_CONTROLS = f"""
+SELECT p.job, p.control, p.updated_at FROM {SCHEMA}.controls p
+WHERE ($1::text IS NULL OR p.job = $1)
+  AND NOT EXISTS (SELECT FROM {SCHEMA}.checkpoints c WHERE c.job = p.job)
+ORDER BY p.job
+"""
+# The probe connection: the shard's overrides while no batch runs, and its visible state.
+CONTROL = f"SELECT control FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2"
+SHOW_STATE = f"""
+UPDATE {SCHEMA}.checkpoints SET state = $3
+WHERE job = $1 AND shard = $2 AND state IN ('running', 'paused', 'throttled')
+"""
+# Any standby's replay lag; `hidden` counts standbys whose columns the role may not read.
+REPLICATION_LAG = """
+SELECT coalesce(max(extract(epoch FROM replay_lag)), 0)::float8 AS lag,
+       count(*) FILTER (WHERE state IS NULL) AS hidden
+FROM pg_stat_replication
+"""
+# WAL retained by the most lagging logical replication slot.
+SLOT_LAG = """
+SELECT coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), 0)::int8
+FROM pg_replication_slots WHERE slot_type = 'logical' AND restart_lsn IS NOT NULL
+"""
+# Active client sessions on this database other than the runner's own ($1: its
+# application_name); `hidden` counts sessions whose state the role may not read.
+ACTIVE_SESSIONS = """
+SELECT count(*) FILTER (WHERE state = 'active') AS active,
+       count(*) FILTER (WHERE state IS NULL) AS hidden
+FROM pg_stat_activity
+WHERE backend_type = 'client backend' AND datname = current_database()
+  AND pid <> pg_backend_pid() AND application_name IS DISTINCT FROM $1
+"""

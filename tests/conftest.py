@@ -7,11 +7,12 @@ import itertools
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 from pydantic import SecretStr
@@ -195,3 +196,16 @@ def users_job(**overrides: Any) -> dict[str, Any]:
         else:
             job[key] = value
     return job
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[Any]], *, within: float = 30.0, interval: float = 0.05
+) -> Any:
+    """Poll ``probe`` (a condition outside this process, e.g. in the database) until it returns
+    something truthy; fail after ``within`` seconds."""
+    with anyio.fail_after(within):
+        while True:
+            value = await probe()
+            if value:
+                return value
+            await anyio.sleep(interval)

@@ -1,0 +1,132 @@
+"""Key-range planning: fixing a job's key range when it first starts, and splitting it into
+shards that hold about the same number of rows.
+
+Boundaries come from a page sample of the key distribution (not max-min/N), so sparse or skewed
+keys still split evenly. They are computed once, by whichever runner of the job comes first,
+under a job-wide lock, and stored as the shards' checkpoints: every runner sees the same ones
+whatever order they start in.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from backfill import sql
+from backfill.checkpoint import Key
+from backfill.errors import ConfigError
+from backfill.job import Job
+from backfill.sql import Target
+
+log = logging.getLogger(__name__)
+
+SAMPLE_ROWS = 50_000  # keys sampled to place shard boundaries
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+CREATING = -1  # the advisory-lock slot held while a job's checkpoints are created
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based); the default is the whole range."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        m = _SHARD.match(text)
+        if not m or not 0 <= int(m.group(1)) < int(m.group(2)) <= 1024:
+            raise ConfigError(f"--shard: {text!r} is not i/N with 0 <= i < N <= 1024")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+WHOLE = Shard()
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One shard's slice of the range: keys after ``cursor`` (or from ``lo``) up to ``hi``."""
+
+    lo: Key | None
+    hi: Key | None
+    cursor: Key | None
+
+
+def split(lo: Key | None, hi: Key | None, sample: Sequence[Key], count: int) -> list[Span]:
+    """Cut ``[lo, hi]`` at the sample's quantiles into ``count`` contiguous spans.
+
+    ``sample`` must be sorted in key order (the server sorts it). Shard i > 0 starts after
+    boundary i; an empty sample leaves everything to shard 0 and the others empty.
+    """
+    if lo is None or hi is None:
+        return [Span(None, None, None) for _ in range(count)]
+    cuts = [sample[i * len(sample) // count] if sample else hi for i in range(1, count)]
+    starts: list[Key] = [lo, *cuts]
+    ends: list[Key] = [*cuts, hi]
+    return [
+        Span(lo=start, hi=end, cursor=None if i == 0 else start)
+        for i, (start, end) in enumerate(zip(starts, ends, strict=True))
+    ]
+
+
+async def create_checkpoints(
+    conn: asyncpg.Connection, job: Job, target: Target, *, shards: int
+) -> None:
+    """Fix the key range and create the job's checkpoint rows, unless a runner already did."""
+    async with conn.transaction():
+        # A transaction-level lock: released at commit, so only one runner ever plans.
+        await conn.execute(sql.LOCK_CREATING, job.name, CREATING)
+        existing = await conn.fetchval(sql.SHARD_COUNT, job.name)
+        if existing:
+            if existing != shards:
+                raise mismatch(job.name, existing, shards)
+            return
+        lo_v = await conn.fetchval(sql.lowest(target))
+        hi_v = await conn.fetchval(sql.highest(target))
+        lo, hi = (tuple(lo_v) if lo_v else None), (tuple(hi_v) if hi_v else None)
+        sample: list[Key] = []
+        if shards > 1 and lo is not None:
+            percent = await _sample_percent(conn, job)
+            rows = await conn.fetch(sql.sample(target), percent, list(lo), list(hi or ()))
+            sample = [tuple(r[0]) for r in rows]
+        spans = split(lo, hi, sample, shards)
+        await conn.executemany(
+            sql.CREATE,
+            [
+                (job.name, i, shards, job.fingerprint, job.table.display,
+                 _list(s.lo), _list(s.hi), _list(s.cursor))
+                for i, s in enumerate(spans)
+            ],
+        )
+        log.info(
+            "new checkpoint; key range fixed",
+            extra={"job": job.name, "range_lo": lo, "range_hi": hi, "shards": shards,
+                   "boundaries": [s.hi for s in spans[:-1]], "sampled": len(sample)},
+        )
+
+
+def mismatch(name: str, existing: int, asked: int) -> ConfigError:
+    return ConfigError(
+        f"job {name} was split into {existing} shard(s) when it started; this run asks for "
+        f"{asked}: use --shard i/{existing}, or `backfill reset {name} --yes` to start over"
+    )
+
+
+async def _sample_percent(conn: asyncpg.Connection, job: Job) -> float:
+    """A page-sample percentage that yields about SAMPLE_ROWS keys."""
+    row = await conn.fetchrow(sql.TABLE_SIZE, job.table.schema_, job.table.name)
+    tuples, pages = (float(row[0]), float(row[1])) if row else (-1.0, 0.0)
+    if tuples <= 0:  # never analysed: assume ~50 rows a page
+        tuples = pages * 50
+    return 100.0 if tuples <= SAMPLE_ROWS else max(0.01, 100.0 * SAMPLE_ROWS / tuples)
+
+
+def _list(key: Key | None) -> list[str] | None:
+    return list(key) if key is not None else None
