@@ -37,7 +37,8 @@ class Checkpoint:
     rows_skipped: int = 0
     batches: int = 0
     skipped_keys: tuple[Key, ...] = ()
-    control: Mapping[str, Any] = field(default_factory=dict)
+    control: Mapping[str, Any] = field(default_factory=dict)  # live overrides (backfill.control)
+    settings: Mapping[str, Any] = field(default_factory=dict)  # the job file's, at run start
     holder: str | None = None
     error: str | None = None
     started_at: datetime | None = None

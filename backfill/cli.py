@@ -121,7 +121,7 @@ def run(
         typer.Option(
             min=0, max=65535, show_default=False,
             help=f"Serve Prometheus metrics and /healthz on this port during the run; 0: don't "
-            f"[default: $BACKFILL_METRICS_PORT or {DEFAULT_METRICS_PORT}].",
+            f"(default: $BACKFILL_METRICS_PORT, else {DEFAULT_METRICS_PORT}).",
         ),
     ] = None,
     progress_every: Annotated[
@@ -129,7 +129,7 @@ def run(
         typer.Option(
             min=0.1, show_default=False,
             help="Seconds between progress log lines when not on a terminal "
-            "[default: $BACKFILL_PROGRESS_LOG_SECONDS or 30].",
+            "(default: $BACKFILL_PROGRESS_LOG_SECONDS, else 30).",
         ),
     ] = None,
 ) -> None:

@@ -22,7 +22,14 @@ import asyncpg
 
 from backfill import catalog, control, governor, sql
 from backfill.checkpoint import FAILED, INTERRUPTED, Checkpoint
-from backfill.errors import BackfillError, ConfigError, Interrupted, RowError
+from backfill.errors import (
+    BackfillError,
+    ConfigError,
+    DataFailure,
+    Interrupted,
+    RowError,
+    Unavailable,
+)
 from backfill.estimate import FirstStart, estimate_progress
 from backfill.export import Exporter
 from backfill.gates import PgProbe
@@ -66,7 +73,12 @@ async def _guard(awaitable: Awaitable[T]) -> T:
         error = translate(exc)
         if isinstance(error, BackfillError):
             raise error from exc
-        raise ConfigError(str(error)) from exc
+        if isinstance(error, DataFailure):
+            raise ConfigError(str(error)) from exc
+        # Unreachable, timed out, contended: worth retrying later (exit 69), not a bad
+        # configuration (78 fails a Kubernetes Job at once, e.g. an init Job started while
+        # the database is still coming up).
+        raise Unavailable(str(error)) from exc
 
 
 # --- init ---------------------------------------------------------------------------------------
@@ -456,6 +468,6 @@ async def _apply_changes(
         holder = await conn.fetchrow(sql.LOCK_HOLDER, name, row["shard"])
         if holder is not None:
             runners.append(f"shard {row['shard']}: backend pid {holder['pid']}")
-    log.info("live control set", extra={"job": name, "control": new})
+    log.debug("live control set", extra={"job": name, "control": new})
     return Controlled(job=name, control=new, pending=not rows, runners=runners)
 

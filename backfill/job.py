@@ -25,8 +25,9 @@ from pydantic import (
 )
 
 from backfill.errors import ConfigError
+from backfill.sql import fragment_problem
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}\Z")  # \Z: "$" would allow a final "\n"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|min|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -44,6 +45,23 @@ def parse_duration(value: object) -> float:
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 
+_BYTES = re.compile(r"^\s*(\d+)\s*(B|kB|KB|MB|GB|TB)?\s*$")
+_BYTE_UNITS = {None: 1, "B": 1, "kB": 1024, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+
+
+def parse_bytes(value: object) -> int:
+    """Bytes from an integer or ``"512MB"``, ``"2GB"`` (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1048576, '512MB' or '2GB'")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and (m := _BYTES.match(value)):
+        return int(m.group(1)) * _BYTE_UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a size such as 1048576, '512MB' or '2GB'")
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -54,6 +72,10 @@ class BatchConfig(_Frozen):
     min_size: int = Field(1, ge=1, le=1_000_000)
     max_size: int = Field(100_000, ge=1, le=1_000_000)
     sleep_seconds: float = Field(0.0, ge=0, le=3600)
+    # Adaptive sizing: aim every batch at this duration (None: the size stays fixed).
+    target_seconds: Seconds | None = Field(None, ge=0.01, le=600)
+    # Pause this multiple of the last batch's duration after it (0.5: busy at most 2/3 of the time).
+    sleep_ratio: float = Field(0.0, ge=0, le=100)
 
     @model_validator(mode="after")
     def _ordered(self) -> BatchConfig:
@@ -70,12 +92,33 @@ class Limits(_Frozen):
     connect_retry_seconds: Seconds = Field(60.0, ge=0, le=86_400)
     lock_wait: Seconds = Field(5.0, ge=0, le=3600)
     max_run_seconds: Seconds | None = Field(None, gt=0)
+    # A ceiling on the average write rate (rows the UPDATEs report), whatever the batch size.
+    max_rows_per_second: float | None = Field(None, gt=0, le=1e9)
 
     @model_validator(mode="after")
     def _lock_within_statement(self) -> Limits:
         if self.lock_timeout > self.statement_timeout:
             raise ValueError("lock_timeout must not exceed statement_timeout")
         return self
+
+
+class ThrottleConfig(_Frozen):
+    """Health gates: checked before a batch at most every ``check_every``; pause while one fails."""
+
+    check_every: Seconds = Field(1.0, ge=0.05, le=3600)
+    check_timeout: Seconds = Field(1.0, ge=0.01, le=60)
+    max_replication_lag: Seconds | None = Field(None, gt=0, le=86_400)
+    max_slot_lag_bytes: Bytes | None = Field(None, gt=0)
+    max_active_sessions: int | None = Field(None, ge=0, le=1_000_000)
+    health_query: str | None = Field(None, min_length=1, max_length=100_000)
+    on_check_error: Literal["pause", "ignore"] = "pause"
+
+    @field_validator("health_query")
+    @classmethod
+    def _single_statement(cls, value: str | None) -> str | None:
+        if value is not None and (";" in value or not value.strip()):
+            raise ValueError("must be a single SQL query without ';'")
+        return value.strip() if value is not None else None
 
 
 class Table(_Frozen):
@@ -98,6 +141,7 @@ class Job(_Frozen):
     on_row_error: Literal["fail", "skip"] = "fail"
     batch: BatchConfig = BatchConfig()
     limits: Limits = Limits()
+    throttle: ThrottleConfig = ThrottleConfig()
 
     @field_validator("table", mode="before")
     @classmethod
@@ -136,6 +180,10 @@ class Job(_Frozen):
             raise ValueError("must be a single SQL expression without ';'")
         if not value.strip():
             raise ValueError("must not be empty")
+        # Nor may it close what it did not open, or leave open a quote or comment: either
+        # could swallow the batch's key range and update the whole table.
+        if problem := fragment_problem(value):
+            raise ValueError(problem)
         return value.strip()
 
     @property

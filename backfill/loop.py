@@ -9,9 +9,10 @@ committed.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -30,18 +31,27 @@ from backfill.errors import (
     BackfillError,
     BatchFailure,
     ConnectionLost,
+    Contention,
     DataFailure,
     Interrupted,
     RowError,
     StatementTimeout,
     Unavailable,
 )
-from backfill.protocols import Connector, Observer, Pause, Session, Throttle
+from backfill.protocols import Connector, ControlSink, Observer, Pause, Session, Throttle
 from backfill.shutdown import Stop
 from backfill.sizing import Sizer
 from backfill.throttle import Backoff
 
 log = logging.getLogger(__name__)
+
+# Seconds allowed for saving the final state on the way out (the Job's grace period counts it).
+SAVE_BUDGET = 5.0
+
+# Reconnecting waits at most this long between attempts (batch retries may wait up to the
+# backoff's cap): an attempt against a database that is down costs one refused connection,
+# and a run should resume within seconds of the database coming back, not half a minute.
+RECONNECT_CAP = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +95,7 @@ class Loop:
         stop: Stop,
         backoff: Backoff | None = None,
         sizer: Sizer | None = None,
+        control: ControlSink | None = None,
     ) -> None:
         self.policy = policy
         self.connector = connector
@@ -93,6 +104,7 @@ class Loop:
         self.stop = stop
         self.backoff = backoff or Backoff()
         self.sizer = sizer or Sizer(policy.size, policy.min_size, policy.max_size)
+        self.control = control
         self.failures = _Failures(policy.max_retries)
 
     async def run(self) -> Checkpoint:
@@ -106,13 +118,14 @@ class Loop:
                 async with self._connect() as session:
                     return await self._work(session)
             except ConnectionLost as lost:
-                attempt = self.failures.add(lost)
+                # Observers first: the attempt that exhausts max_retries counts too.
                 self.observer.failed(lost, cursor=None, size=self.sizer.size)
+                attempt = self.failures.add(lost)
                 log.warning(
                     "connection lost; reconnecting",
                     extra={"job": self.policy.job, "error": str(lost), "attempt": attempt},
                 )
-                await self._back_off(attempt)
+                await self._back_off(attempt, at_most=RECONNECT_CAP)
                 if self.stop.requested:
                     raise Interrupted(f"stopped ({self.stop.reason}) while reconnecting") from lost
 
@@ -126,20 +139,32 @@ class Loop:
                 try:
                     session = await stack.enter_async_context(self.connector.session())
                     break
-                except ConnectionLost as lost:
+                except (ConnectionLost, Contention, StatementTimeout) as lost:
+                    # Opening a session reads the catalog, the key range and the checkpoint:
+                    # a lock held by a migration or a busy server is as passing as a lost
+                    # connection, and retried the same way.
                     attempt += 1
-                    if anyio.current_time() >= deadline or self.stop.requested:
-                        raise Unavailable(f"database unavailable: {lost}") from lost
+                    if self.stop.requested:
+                        stopped = f"stopped ({self.stop.reason}) while connecting"
+                        raise Interrupted(stopped) from lost
+                    if anyio.current_time() >= deadline:
+                        what = "database unavailable" if isinstance(lost, ConnectionLost) else (
+                            f"could not open a session ({lost.reason})")
+                        raise Unavailable(f"{what}: {lost}") from lost
                     log.warning(
-                        "database unreachable; retrying",
-                        extra={"job": self.policy.job, "error": str(lost), "attempt": attempt},
+                        "could not open a session; retrying",
+                        extra={"job": self.policy.job, "reason": lost.reason, "error": str(lost),
+                               "attempt": attempt},
                     )
-                    await self._back_off(attempt)
+                    # Never sleep past the deadline: the last attempt is made at it.
+                    left = deadline - anyio.current_time()
+                    await self._back_off(attempt, at_most=min(RECONNECT_CAP, left))
             yield session
 
     async def _work(self, session: Session) -> Checkpoint:
         checkpoint = session.checkpoint
         self.observer.started(checkpoint)
+        self._apply_control(checkpoint.control)  # e.g. a pause that outlived the last run
         if checkpoint.state == SUCCEEDED or checkpoint.empty:
             await session.finish(SUCCEEDED)
             self.observer.state(SUCCEEDED)
@@ -172,10 +197,18 @@ class Loop:
                     return session.checkpoint
                 cursor = last.cursor
                 self.sizer.succeeded(last.seconds)
-                self._apply_control(last)
+                self._apply_control(last.control)
                 self.observer.committed(last)
         except Interrupted as stop:
             await _quietly(session.finish(INTERRUPTED, error=str(stop)))
+            self.observer.state(INTERRUPTED)
+            raise
+        except anyio.get_cancelled_exc_class():
+            # Aborted (a second signal): the driver cancelled the batch in flight on the
+            # server, so it rolled back. Say so in the checkpoint, or `status` would show a
+            # stopped job as running (and the next run would log this one as killed).
+            aborted = "aborted; the batch in flight rolled back"
+            await _quietly(session.finish(INTERRUPTED, error=aborted))
             self.observer.state(INTERRUPTED)
             raise
         except BackfillError as error:
@@ -185,21 +218,27 @@ class Loop:
 
     async def _pauses(self, last: BatchResult | None) -> None:
         pause = await self.throttle.next_pause(last)
+        if pause is None:
+            return
+        # A long wait comes in slices (each reported, so metrics stay fresh); the state goes
+        # back to running once, when the wait is over.
         while pause is not None and not self.stop.requested:
             await self._wait(pause)
             pause = await self.throttle.next_pause(None)
+        self.observer.state(RUNNING)
 
     async def _wait(self, pause: Pause) -> None:
         self.observer.state(PAUSED if pause.reason == "paused" else THROTTLED)
         self.observer.throttled(Pause(await self.stop.sleep(pause.seconds), pause.reason))
+
+    async def _back_off(self, attempt: int, *, at_most: float | None = None) -> None:
+        delay = self.backoff.delay(attempt)
+        await self._wait(Pause(delay if at_most is None else min(delay, at_most), "backoff"))
         self.observer.state(RUNNING)
 
-    async def _back_off(self, attempt: int) -> None:
-        await self._wait(Pause(self.backoff.delay(attempt), "backoff"))
-
     async def _retry(self, failure: BatchFailure, cursor: Key | None, size: int) -> None:
-        attempt = self.failures.add(failure)
         self.observer.failed(failure, cursor=cursor, size=size)
+        attempt = self.failures.add(failure)
         if isinstance(failure, StatementTimeout):
             self.sizer.timed_out()
         log.warning(
@@ -237,16 +276,16 @@ class Loop:
         )
         return key
 
-    def _apply_control(self, result: BatchResult) -> None:
-        size = result.control.get("batch.size")
-        if isinstance(size, int) and size != self.sizer.target:
-            log.info("live override", extra={"job": self.policy.job, "batch.size": size})
-            self.sizer.retarget(size)
+    def _apply_control(self, overrides: Mapping[str, Any]) -> None:
+        """Live overrides (``backfill pause``/``set``) go to the control sink, which tunes the
+        sizer and the throttles."""
+        if self.control is not None:
+            self.control.apply(overrides)
 
 
 async def _quietly(awaitable: Awaitable[None]) -> None:
     """Best-effort bookkeeping on the way out: shielded, bounded, never masks the real error."""
-    with anyio.move_on_after(5, shield=True):
+    with anyio.move_on_after(SAVE_BUDGET, shield=True):
         try:
             await awaitable
         except Exception as exc:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from backfill.checkpoint import BatchResult, Checkpoint, Key
-from backfill.errors import BatchFailure
+from backfill.errors import BatchFailure, DataFailure
 from backfill.progress import Tracker, human_seconds
 from backfill.protocols import Observer, Pause
 
@@ -72,12 +72,14 @@ class Progress:
         pass
 
     def throttled(self, pause: Pause) -> None:
+        # The loop reports a pause when it ends; the reason shown during the next one is this
+        # one's (throttles tend to repeat), until that one ends.
         self.pause_reason = pause.reason
+        seconds = self.tracker.throttle_seconds
+        seconds[pause.reason] = seconds.get(pause.reason, 0.0) + pause.seconds
 
     def state(self, state: str) -> None:
         self.current_state = state
-        if state == "running":
-            self.pause_reason = ""
 
 
 def summary(progress: Progress) -> dict[str, object]:
@@ -93,9 +95,16 @@ def summary(progress: Progress) -> dict[str, object]:
     }
 
 
+# Pauses that come with every batch (sleep, and rate_limit while the ceiling binds), follow a
+# logged retry (backoff) or have their own state line (paused): no line each.
+_ROUTINE_PAUSES = frozenset({"sleep", "rate_limit", "backoff", "paused"})
+
+
 @dataclass
 class LogLines:
-    """JSON-friendly log: a line per state change, per retried batch, and every ``every`` s."""
+    """JSON-friendly log: a line per state change, per throttle episode, per retried batch
+    (the loop logs most; this logs the data errors it narrows down), and a progress line at most
+    every ``every`` seconds. Never a line per batch."""
 
     job: str
     progress: Progress
@@ -103,6 +112,7 @@ class LogLines:
     clock: Callable[[], float] = time.monotonic
     _last_state: str = ""
     _next_report: float = 0.0
+    _throttle: str = ""  # the reason of the throttle episode under way, if any
 
     def started(self, checkpoint: Checkpoint) -> None:
         self._next_report = self.clock() + self.every
@@ -113,19 +123,39 @@ class LogLines:
                    "range_hi": checkpoint.range_hi},
         )
 
-    def committed(self, result: BatchResult) -> None:
+    def _report(self) -> None:
         if self.clock() >= self._next_report:
             self._next_report = self.clock() + self.every
             log.info("progress", extra={"job": self.job, **summary(self.progress)})
 
+    def committed(self, result: BatchResult) -> None:
+        if self._throttle:
+            log.info("throttle ended", extra={"job": self.job, "reason": self._throttle})
+            self._throttle = ""
+        self._report()
+
     def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:
-        pass  # the loop logs each retried or failed batch with its keys and reason
+        # The loop logs retries, lost connections and skipped rows; a data error's slice is
+        # narrowed down without a retry, so its attempts are logged here.
+        if isinstance(failure, DataFailure):
+            log.warning(
+                "batch rolled back on a data error; narrowing it down",
+                extra={"job": self.job, "reason": failure.reason, "keys_after": cursor,
+                       "size": size, "error": str(failure)},
+            )
 
     def skipped(self, key: Key) -> None:
         pass
 
     def throttled(self, pause: Pause) -> None:
-        pass
+        if pause.reason not in _ROUTINE_PAUSES and pause.reason != self._throttle:
+            self._throttle = pause.reason
+            log.info(
+                "throttled",
+                extra={"job": self.job, "reason": pause.reason,
+                       "seconds": round(pause.seconds, 3)},
+            )
+        self._report()
 
     def state(self, state: str) -> None:
         if state != self._last_state and state not in ("throttled",):
@@ -151,11 +181,12 @@ class TerminalLine:
         s = summary(self.progress)
         percent = "?" if s["percent"] is None else f"{s['percent']:5.1f}%"
         reason = self.progress.pause_reason
+        state = self.progress.current_state
         line = (
             f"{percent}  {s['rows']:,} rows  {s['rows_per_second']:,.0f} rows/s  "
             f"ETA {human_seconds(self.progress.tracker.eta_seconds())}  "
-            f"batch {s['batch_size']}  {self.progress.current_state}"
-            + (f" ({reason})" if reason and self.progress.current_state != "running" else "")
+            f"batch {s['batch_size']}  {state}"
+            + (f" ({reason})" if reason and state in ("throttled", "paused") else "")
         )
         self.stream.write("\r\x1b[2K" + line)
         self.stream.flush()

@@ -51,6 +51,12 @@ class Budget:
             "idle_in_transaction_session_timeout": str(
                 max(1, round((self.statement_timeout + CLIENT_SLACK) * 1000))
             ),
+            # A runner on a vanished node must not hold the job's lock until the kernel's
+            # two-hour default: the server probes an idle client after 30 s, every 10 s, and
+            # ends the backend (releasing the lock) after 3 unanswered probes.
+            "tcp_keepalives_idle": "30",
+            "tcp_keepalives_interval": "10",
+            "tcp_keepalives_count": "3",
         }
 
 

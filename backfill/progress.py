@@ -2,19 +2,24 @@
 
 The fraction done is the cursor's position between the range's lowest and highest key, for keys
 whose first column is a number, a timestamp, a date or a uuid (uuids are spread uniformly). For
-text keys it is unknown (None) rather than guessed. Rates and the ETA come from the last
-``window`` seconds of committed batches, never from batch_size x batches.
+text keys it comes from a ``KeyEstimate``, a page sample counted once at run start on the server
+(so the key's collation decides the order), plus the keys each committed batch covered; without
+one it is unknown (None) rather than guessed. Rates and the ETA come from the last ``window``
+seconds (at least ``min_batches`` batches) of committed batches, never from batch_size x batches.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from backfill.checkpoint import BatchResult, Checkpoint, Key
+from backfill.protocols import THROTTLE_REASONS
 
 
 def _position(text: str) -> float | None:
@@ -50,16 +55,35 @@ def fraction(lo: Key | None, hi: Key | None, cursor: Key | None) -> float | None
     return min(1.0, max(0.0, (c - a) / (b - a)))
 
 
+@dataclass(frozen=True, slots=True)
+class KeyEstimate:
+    """Keys in the fixed range (``total``) and at or below the cursor (``done``) when the run
+    started, estimated from a page sample. Used only where the cursor's position cannot be
+    computed (text keys)."""
+
+    total: float
+    done: float
+
+
 @dataclass
 class Tracker:
     """Accumulates committed batches; answers rate, fraction and ETA questions."""
 
-    window: float = 60.0
+    # 20 s: after a change of pace the ETA is right again within about the window (measured in
+    # benchmarks/eta_error.py: a 60 s window never caught up in a 1-minute second half).
+    window: float = 20.0
+    min_batches: int = 10  # the window holds at least this many batches, however long they take
     checkpoint: Checkpoint | None = None
     rows: int = 0
     batches: int = 0
     size: int = 0
     cursor: Key | None = None
+    estimate: KeyEstimate | None = None
+    keys: int = 0  # keys the batches committed so far covered (each covers `size` keys)
+    # Seconds spent not writing, by reason (every THROTTLE_REASONS key, from zero).
+    throttle_seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(THROTTLE_REASONS, 0.0)
+    )
     _recent: deque[tuple[float, int, float]] = field(default_factory=deque)
 
     def start(self, checkpoint: Checkpoint, now: float) -> None:
@@ -73,18 +97,29 @@ class Tracker:
     def commit(self, result: BatchResult, now: float) -> None:
         self.rows += result.rows
         self.batches += 1
+        self.keys += result.size
         self.size = result.size
         if result.cursor is not None:
             self.cursor = result.cursor
         self._recent.append((now, self.rows, self.fraction or 0.0))
-        while len(self._recent) > 2 and now - self._recent[1][0] > self.window:
+        while len(self._recent) > self.min_batches + 1 and now - self._recent[1][0] > self.window:
             self._recent.popleft()
+
+    def use_estimate(self, estimate: KeyEstimate, now: float) -> None:
+        """Adopt a sampled estimate (taken at the cursor of the first ``start``); the rate
+        window restarts here, since fractions before it were unknown."""
+        self.estimate = estimate
+        self._recent.clear()
+        self._recent.append((now, self.rows, self.fraction or 0.0))
 
     @property
     def fraction(self) -> float | None:
         if self.checkpoint is None:
             return None
-        return fraction(self.checkpoint.range_lo, self.checkpoint.range_hi, self.cursor)
+        exact = fraction(self.checkpoint.range_lo, self.checkpoint.range_hi, self.cursor)
+        if exact is None and self.estimate is not None and self.estimate.total > 0:
+            return min(1.0, (self.estimate.done + self.keys) / self.estimate.total)
+        return exact
 
     def rows_per_second(self) -> float:
         if len(self._recent) < 2:
@@ -108,6 +143,42 @@ class Tracker:
         if done is None or done <= 0 or self.checkpoint is None:
             return None
         return self.rows / done * (1.0 - done)
+
+
+def run_rate(
+    checkpoint: Checkpoint, run: Mapping[str, Any] | None
+) -> tuple[float | None, float | None]:
+    """Rows per second and ETA in seconds (as of the last commit) of a checkpoint's run, from
+    the database alone: what ``status`` can tell about a runner on another machine.
+
+    ``run`` is the run's row in ``backfill.runs``. The rate is the run's average (rows it
+    updated over the time from its start to its last commit); the ETA is the key space left over
+    the key space the run covered per second, and only for a run still open.
+    """
+    if run is None or checkpoint.updated_at is None or run.get("started_at") is None:
+        return None, None
+    end = run.get("ended_at") or checkpoint.updated_at
+    elapsed = (end - run["started_at"]).total_seconds()
+    if elapsed <= 0:
+        return None, None
+    rows = run.get("rows_updated")
+    if rows is None:
+        rows = checkpoint.rows_updated - (run.get("rows_at_start") or 0)
+    rate = max(0, rows) / elapsed
+    if run.get("outcome") != "running" or checkpoint.state in ("succeeded", "failed"):
+        return rate, None
+    if "cursor_at_start" not in run:  # a state schema from before `init` added it
+        return rate, None
+    lo, hi = checkpoint.range_lo, checkpoint.range_hi
+    start = run["cursor_at_start"]
+    now, then = fraction(lo, hi, checkpoint.cursor), fraction(lo, hi, _key(start))
+    if now is None or then is None or now <= then:
+        return rate, None
+    return rate, (1.0 - now) * elapsed / (now - then)
+
+
+def _key(value: Any) -> Key | None:
+    return tuple(value) if value is not None else None
 
 
 def human_seconds(seconds: float | None) -> str:

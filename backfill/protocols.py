@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from backfill.checkpoint import BatchResult, Checkpoint, Key
 from backfill.errors import BatchFailure
@@ -46,10 +47,17 @@ class Connector(Protocol):
         ...
 
 
+# Every second the runner spends not writing is attributed to exactly one of these.
+THROTTLE_REASONS = (
+    "sleep", "rate_limit", "replication_lag", "slot_lag", "active_sessions", "health_query",
+    "paused", "backoff",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Pause:
     seconds: float
-    reason: str  # sleep, rate_limit, replication_lag, ..., paused, backoff
+    reason: str  # one of THROTTLE_REASONS
 
 
 class Throttle(Protocol):
@@ -76,3 +84,41 @@ class Observer(Protocol):
     def throttled(self, pause: Pause) -> None: ...
 
     def state(self, state: str) -> None: ...
+
+
+class ControlSink(Protocol):
+    def apply(self, overrides: Mapping[str, Any]) -> None:
+        """Live overrides as the checkpoint holds them (``control``): the loop passes them on
+        when a session opens and after every committed batch."""
+        ...
+
+
+class Probe(Protocol):
+    """A runner's small second connection: health gates, and live control while no batch runs.
+
+    Every method raises when the check cannot be made (the caller decides what that means).
+    """
+
+    async def control(self) -> Mapping[str, Any]:
+        """The shard's live overrides, read now."""
+        ...
+
+    async def set_state(self, state: str) -> None:
+        """Show ``state`` (paused, throttled, running) in the checkpoint while a run is on."""
+        ...
+
+    async def replication_lag(self) -> float:
+        """The largest replay lag of any standby, in seconds (0 without standbys)."""
+        ...
+
+    async def slot_lag_bytes(self) -> int:
+        """The most WAL any logical replication slot retains, in bytes (0 without slots)."""
+        ...
+
+    async def active_sessions(self) -> int:
+        """Sessions active on the database now, other than this runner's."""
+        ...
+
+    async def healthy(self) -> bool:
+        """The job's ``health_query``."""
+        ...

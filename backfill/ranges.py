@@ -24,7 +24,10 @@ from backfill.sql import Target
 
 log = logging.getLogger(__name__)
 
-SAMPLE_ROWS = 50_000  # keys sampled to place shard boundaries
+# The sample that places shard boundaries: at least this many rows and pages (a page sample's
+# accuracy depends on how many pages it reads), sorted on the server; only the cuts travel.
+SAMPLE_ROWS = 200_000
+SAMPLE_PAGES = 5_000
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 CREATING = -1  # the advisory-lock slot held while a job's checkpoints are created
 
@@ -59,15 +62,14 @@ class Span:
     cursor: Key | None
 
 
-def split(lo: Key | None, hi: Key | None, sample: Sequence[Key], count: int) -> list[Span]:
-    """Cut ``[lo, hi]`` at the sample's quantiles into ``count`` contiguous spans.
+def split(lo: Key | None, hi: Key | None, cuts: Sequence[Key], count: int) -> list[Span]:
+    """Cut ``[lo, hi]`` at ``cuts`` (in key order) into ``count`` contiguous spans.
 
-    ``sample`` must be sorted in key order (the server sorts it). Shard i > 0 starts after
-    boundary i; an empty sample leaves everything to shard 0 and the others empty.
+    Shard i > 0 starts after cut i; missing cuts (a tiny sample) leave the last shards empty.
     """
     if lo is None or hi is None:
         return [Span(None, None, None) for _ in range(count)]
-    cuts = [sample[i * len(sample) // count] if sample else hi for i in range(1, count)]
+    cuts = [*cuts[: count - 1], *[hi] * (count - 1 - len(cuts))]
     starts: list[Key] = [lo, *cuts]
     ends: list[Key] = [*cuts, hi]
     return [
@@ -91,12 +93,12 @@ async def create_checkpoints(
         lo_v = await conn.fetchval(sql.lowest(target))
         hi_v = await conn.fetchval(sql.highest(target))
         lo, hi = (tuple(lo_v) if lo_v else None), (tuple(hi_v) if hi_v else None)
-        sample: list[Key] = []
+        cuts: list[Key] = []
         if shards > 1 and lo is not None:
             percent = await _sample_percent(conn, job)
-            rows = await conn.fetch(sql.sample(target), percent, list(lo), list(hi or ()))
-            sample = [tuple(r[0]) for r in rows]
-        spans = split(lo, hi, sample, shards)
+            args = (percent, list(lo), list(hi or ()), shards)
+            cuts = [tuple(r[0]) for r in await conn.fetch(sql.quantiles(target), *args)]
+        spans = split(lo, hi, cuts, shards)
         await conn.executemany(
             sql.CREATE,
             [
@@ -108,7 +110,7 @@ async def create_checkpoints(
         log.info(
             "new checkpoint; key range fixed",
             extra={"job": job.name, "range_lo": lo, "range_hi": hi, "shards": shards,
-                   "boundaries": [s.hi for s in spans[:-1]], "sampled": len(sample)},
+                   "boundaries": [s.hi for s in spans[:-1]]},
         )
 
 
@@ -120,12 +122,13 @@ def mismatch(name: str, existing: int, asked: int) -> ConfigError:
 
 
 async def _sample_percent(conn: asyncpg.Connection, job: Job) -> float:
-    """A page-sample percentage that yields about SAMPLE_ROWS keys."""
+    """A page-sample percentage that reads at least SAMPLE_ROWS rows and SAMPLE_PAGES pages."""
     row = await conn.fetchrow(sql.TABLE_SIZE, job.table.schema_, job.table.name)
     tuples, pages = (float(row[0]), float(row[1])) if row else (-1.0, 0.0)
     if tuples <= 0:  # never analysed: assume ~50 rows a page
         tuples = pages * 50
-    return 100.0 if tuples <= SAMPLE_ROWS else max(0.01, 100.0 * SAMPLE_ROWS / tuples)
+    share = max(SAMPLE_ROWS / max(tuples, 1.0), SAMPLE_PAGES / max(pages, 1.0))
+    return min(100.0, max(0.01, 100.0 * share))
 
 
 def _list(key: Key | None) -> list[str] | None:

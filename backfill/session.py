@@ -21,7 +21,7 @@ import asyncpg
 from backfill import __version__, catalog, ranges, sql
 from backfill.checkpoint import BatchResult, Checkpoint, Key
 from backfill.control import file_settings
-from backfill.errors import ConfigError, JobBusy
+from backfill.errors import ConfigError, ConnectionLost, Contention, JobBusy, StatementTimeout
 from backfill.job import Job
 from backfill.pg import Budget, connect, translate
 from backfill.ranges import WHOLE, Shard
@@ -29,6 +29,9 @@ from backfill.settings import ConnectParams
 from backfill.sql import Target
 
 log = logging.getLogger(__name__)
+
+# Seconds allowed for closing the connection (and so releasing the lock) on the way out.
+CLOSE_BUDGET = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,21 @@ async def _holder(conn: asyncpg.Connection, name: str, shard: int) -> str:
     return f"{where}backend pid {row['pid']} from {client} since {since}"
 
 
+async def check_fragments(conn: asyncpg.Connection, job: Job, target: Target) -> None:
+    """Prepare (never run) ``set`` and ``where`` each alone, before anything is written: a
+    fragment the server rejects is a ``ConfigError`` naming its field (even a constant
+    ``1/0``: it fails for every row)."""
+    checks = sql.fragment_checks(target, set_=job.set, where=job.where)
+    for field, statement in checks.items():
+        try:
+            await conn.prepare(statement)
+        except Exception as exc:
+            error = translate(exc, closed=conn.is_closed())
+            if isinstance(error, ConnectionLost | Contention | StatementTimeout):
+                raise error from exc
+            raise ConfigError(f"set/where: {error} (in {field})") from exc
+
+
 class PgSession:
     def __init__(
         self, conn: asyncpg.Connection, job: Job, target: Target, checkpoint: Checkpoint
@@ -127,17 +145,27 @@ class PgSession:
         self.run_id: int | None = None
         self._first: asyncpg.prepared_stmt.PreparedStatement | None = None
         self._next: asyncpg.prepared_stmt.PreparedStatement | None = None
+        # One integer key: after a dense slice, the next slice's end is computed, not read.
+        self._span: asyncpg.prepared_stmt.PreparedStatement | None = None
+        self._dense = False
 
     @property
     def checkpoint(self) -> Checkpoint:
         return self._checkpoint
 
     async def prepare(self) -> None:
-        """Prepare both batch statements: validates ``set`` and ``where`` before any write."""
-        kwargs = {"set_": self.job.set, "where": self.job.where}
+        """Prepare the batch statements: validates ``set`` and ``where`` before any write."""
+
+        def batch(*, first: bool, span: bool = False) -> str:
+            return sql.batch(
+                self.target, set_=self.job.set, where=self.job.where, first=first, span=span
+            )
+
         try:
-            self._first = await self.conn.prepare(sql.batch(self.target, first=True, **kwargs))
-            self._next = await self.conn.prepare(sql.batch(self.target, first=False, **kwargs))
+            self._first = await self.conn.prepare(batch(first=True))
+            self._next = await self.conn.prepare(batch(first=False))
+            if sql.spannable(self.target):
+                self._span = await self.conn.prepare(batch(first=False, span=True))
         except Exception as exc:
             raise self._translate(exc, "set/where") from exc
 
@@ -153,7 +181,8 @@ class PgSession:
         return list(cursor if cursor is not None else ckpt.range_lo), list(ckpt.range_hi)
 
     async def run_batch(self, cursor: Key | None, size: int) -> BatchResult:
-        statement = self._first if cursor is None else self._next
+        span = self._dense and cursor is not None and self._span is not None
+        statement = self._first if cursor is None else self._span if span else self._next
         assert statement is not None, "prepare() first"
         after, upto = self._bounds(cursor)
         start = time.perf_counter()
@@ -169,6 +198,9 @@ class PgSession:
         control: dict[str, Any] = row["control"] or {}
         if new is not None:
             self._checkpoint = _advance(self._checkpoint, new, row["rows"], control)
+        self._dense = self._span is not None and new is not None and _dense(
+            after[0], new[0], size, rows=row["rows"], first=cursor is None, span=span
+        )
         return BatchResult(
             cursor=new, rows=row["rows"], size=size, seconds=seconds, control=control
         )
@@ -190,13 +222,27 @@ class PgSession:
         self._checkpoint = _advance(self._checkpoint, key, 0, dict(self._checkpoint.control))
 
     async def finish(self, state: str, *, error: str | None = None) -> None:
-        async with self.conn.transaction():
-            await self.conn.execute(sql.FINISH, self.job.name, self.shard, state, error)
-            if self.run_id is not None:
-                await self.conn.execute(sql.CLOSE_RUN, self.run_id, state, error)
-        row = await self.conn.fetchrow(sql.LOAD, self.job.name, self.shard)
+        # Translated like a batch: a connection lost here is retried by the loop (the last
+        # batch already committed, so the next session finds the range done and finishes).
+        try:
+            async with self.conn.transaction():
+                await self.conn.execute(sql.FINISH, self.job.name, self.shard, state, error)
+                if self.run_id is not None:
+                    await self.conn.execute(sql.CLOSE_RUN, self.run_id, state, error)
+            row = await self.conn.fetchrow(sql.LOAD, self.job.name, self.shard)
+        except Exception as exc:
+            raise self._translate(exc) from exc
         if row is not None:
             self._checkpoint = to_checkpoint(row)
+
+
+def _dense(after: str, end: str, size: int, *, rows: int, first: bool, span: bool) -> bool:
+    """Whether the slice just done held a key at every integer (so the next computed slice of
+    ``size`` values is likely full). A computed slice only tells through its rows; a read one
+    through its width, whatever ``where`` matched."""
+    if span:
+        return rows == size
+    return int(end) - int(after) == size - (1 if first else 0)
 
 
 def _advance(ckpt: Checkpoint, cursor: Key, rows: int, control: dict[str, Any]) -> Checkpoint:
@@ -219,6 +265,7 @@ class PgConnector:
         self.job = job
         self.identity = identity
         self.shard = shard
+        self.run_id: int | None = None  # this process's row in backfill.runs
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[PgSession]:
@@ -226,7 +273,7 @@ class PgConnector:
         try:
             yield await self._open(conn)
         finally:
-            with anyio.move_on_after(2, shield=True):
+            with anyio.move_on_after(CLOSE_BUDGET, shield=True):
                 await _close(conn)
 
     async def _open(self, conn: asyncpg.Connection) -> PgSession:
@@ -234,17 +281,24 @@ class PgConnector:
         try:
             await require_state_schema(conn)
             target = await catalog.resolve(conn, job)
+            await check_fragments(conn, job, target)
             await take_lock(conn, job.name, shard=shard, wait=job.limits.lock_wait)
             ckpt = await self._load_or_create(conn, target)
             session = PgSession(conn, job, target, ckpt)
             await session.prepare()
             async with conn.transaction():
-                await conn.execute(sql.CLOSE_ABANDONED, job.name, shard)
-                session.run_id = await conn.fetchval(
-                    sql.OPEN_RUN, job.name, shard, job.fingerprint, __version__, str(self.identity)
-                )
+                # After a lost connection this process's run goes on (unless another runner
+                # closed it meanwhile): a reconnection is not a killed run.
+                run_id = self.run_id and await conn.fetchval(sql.RUN_OPEN, self.run_id)
+                if not run_id:
+                    await conn.execute(sql.CLOSE_ABANDONED, job.name, shard)
+                    run_id = await conn.fetchval(
+                        sql.OPEN_RUN, job.name, shard, job.fingerprint, __version__,
+                        str(self.identity),
+                    )
                 await conn.execute(sql.START, job.name, shard, str(self.identity))
                 await conn.execute(sql.SAVE_SETTINGS, job.name, shard, file_settings(job))
+            self.run_id = session.run_id = run_id  # only once committed
             session._checkpoint = await _load(conn, job.name, shard)
             return session
         except (ConfigError, JobBusy):

@@ -1,7 +1,13 @@
 """How many keys the next batch covers.
 
-The size shrinks fast after a statement timeout (halve) and while a data error is being
-bisected, and grows back gradually after successes, always within ``min_size .. max_size``.
+``Sizer`` keeps a fixed size: it shrinks fast after a statement timeout (halve) and while a data
+error is being bisected, and grows back gradually after successes, always within
+``min_size .. max_size``.
+
+``AdaptiveSizer`` (``[batch] target_seconds``) sizes each batch so that it takes about
+``target_seconds``: from a smoothed measure of keys per second (an EWMA), growing by at most
+``growth`` per batch, shrinking at once after a slow batch or a timeout. Without a target it is
+a ``Sizer``. The loop talks to both through the same interface.
 """
 
 from __future__ import annotations
@@ -40,3 +46,48 @@ class Sizer:
 
     def retarget(self, target: int) -> None:
         self.target = self._clamp(target)
+
+
+@dataclass(slots=True)
+class AdaptiveSizer(Sizer):
+    """Aims each batch at ``target_seconds`` (None: behave as a fixed-size ``Sizer``).
+
+    The measure is keys per second, not rows: the size is counted in keys, and a sparse
+    ``where`` still costs the scan of every key in the slice.
+    """
+
+    target_seconds: float | None = None
+    growth: float = 1.5  # at most this factor bigger than the last batch
+    smoothing: float = 0.3  # weight of the newest batch in the EWMA
+    slow: float = 1.5  # a batch slower than slow x target resizes from itself alone
+    rate: float | None = None  # EWMA of keys per second; None until measured
+
+    def succeeded(self, seconds: float) -> None:
+        if self.target_seconds is None:
+            Sizer.succeeded(self, seconds)
+            return
+        sample = self.size / max(seconds, 1e-6)
+        if self.rate is None or seconds > self.slow * self.target_seconds:
+            # First measure, or a slow batch: trust this batch alone so the next one is right
+            # at once instead of after the average catches up.
+            self.rate = sample
+        else:
+            self.rate += self.smoothing * (sample - self.rate)
+        ideal = self.rate * self.target_seconds
+        # Shrinking is never limited; growing is, so one fast batch cannot make a huge one.
+        self.size = self._clamp(max(1, int(min(ideal, self.size * self.growth))))
+
+    def timed_out(self) -> None:
+        Sizer.timed_out(self)
+        self.rate = None  # the old measure was wrong; start over from the next batch
+
+    def tune(self, *, size: int, max_size: int, target_seconds: float | None) -> None:
+        """Apply live settings. A new ``size`` takes effect on the next batch (in adaptive
+        mode it is where the sizing restarts from)."""
+        self.max_size = max(self.min_size, max_size)
+        self.target_seconds = target_seconds
+        if size != self.target:
+            self.retarget(size)
+            self.size = self.target
+        self.target = self._clamp(self.target)
+        self.size = self._clamp(self.size)

@@ -7,6 +7,7 @@ round-trips (integers, numeric, uuid, text, timestamps, dates) works without cli
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 SCHEMA = "backfill"
@@ -15,6 +16,58 @@ SCHEMA = "backfill"
 def ident(name: str) -> str:
     """Quote one identifier."""
     return '"' + name.replace('"', '""') + '"'
+
+
+_DOLLAR = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
+
+
+def fragment_problem(text: str) -> str | None:
+    """Why a ``set``/``where`` fragment could break out of its place in a statement, or None.
+
+    A fragment is pasted into the batch statement; if it closed a parenthesis it did not open,
+    or left a quote or comment open for the text after it, it could swallow the batch's own
+    key range (an UPDATE of the whole table). So: parentheses balanced, every string, quoted
+    identifier and ``/* */`` comment closed, no ``--`` comment (it would run to the end of the
+    statement's line), no ``;``. Lexical only; the server checks the rest.
+    """
+    depth, i, n = 0, 0, len(text)
+    while i < n:
+        c, pair = text[i], text[i : i + 2]
+        if c in "'\"":  # 'string', E'string' (backslash escapes), "identifier"; doubled quotes
+            backslash = c == "'" and i > 0 and text[i - 1] in "eE" and (
+                i < 2 or not (text[i - 2].isalnum() or text[i - 2] == "_"))
+            i += 1
+            while (i < n and text[i] != c) or text[i : i + 2] == c * 2:
+                i += 2 if text[i] == c or (backslash and text[i] == "\\") else 1
+            if i >= n:
+                return "has an unterminated quote"
+        elif c == "$" and (m := _DOLLAR.match(text, i)) and not (i and text[i - 1].isalnum()):
+            end = text.find(m.group(0), m.end())
+            if end < 0:
+                return "has an unterminated dollar-quoted string"
+            i = end + len(m.group(0)) - 1
+        elif pair == "/*":
+            nested, i = 1, i + 2
+            while i < n and nested:
+                nested += {"/*": 1, "*/": -1}.get(text[i : i + 2], 0)
+                i += 2 if text[i : i + 2] in ("/*", "*/") else 1
+            if nested:
+                return "has an unterminated /* comment"
+            continue
+        elif pair == "*/":
+            return "closes a comment it did not open"
+        elif pair == "--":
+            return "must not contain a -- comment (use /* */)"
+        elif c == ";":
+            return "must be a single SQL expression without ';'"
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth < 0:
+                return "closes a parenthesis it did not open"
+        i += 1
+    return "has an unclosed parenthesis" if depth else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +232,8 @@ SELECT $1, $2, $3, $4, $5, rows_updated, batches, cursor FROM {SCHEMA}.checkpoin
 WHERE job = $1 AND shard = $2
 RETURNING id
 """
+# A runner that reconnects keeps its run: one row per run, not per connection.
+RUN_OPEN = f"SELECT id FROM {SCHEMA}.runs WHERE id = $1 AND outcome = 'running'"
 CLOSE_RUN = f"""
 UPDATE {SCHEMA}.runs r
 SET outcome = $2, ended_at = now(), error = $3,
@@ -240,13 +295,19 @@ def highest(t: Target) -> str:
     return f"SELECT {t.as_text()} FROM {t.relation} ORDER BY {t.order('DESC')} LIMIT 1"
 
 
-def sample(t: Target) -> str:
-    """Keys from a page sample of $1 percent, within [$2, $3], in key order."""
-    return (
-        f"SELECT {t.as_text()} FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4) "
-        f"WHERE {t.row()} >= {t.param_row(2)} AND {t.row()} <= {t.param_row(3)} "
-        f"ORDER BY {t.order()}"
-    )
+def quantiles(t: Target) -> str:
+    """The keys that cut a page sample of $1 percent of [$2, $3] into $4 parts of equal row
+    count: $4 - 1 keys in key order (fewer when the sample is smaller). The sample is sorted on
+    the server; only the cuts travel."""
+    return f"""
+SELECT keys FROM (
+    SELECT {t.as_text()} AS keys, row_number() OVER (ORDER BY {t.order()}) AS rn,
+           count(*) OVER () AS n
+    FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4)
+    WHERE {t.row()} >= {t.param_row(2)} AND {t.row()} <= {t.param_row(3)}
+) s
+WHERE rn IN (SELECT 1 + (s.n * i) / $4::int FROM generate_series(1, $4::int - 1) i)
+ORDER BY rn"""
 
 
 def _after(t: Target, *, first: bool) -> str:
@@ -264,37 +325,73 @@ def slice_end(t: Target, *, first: bool) -> str:
         ) backfill_slice ORDER BY {t.order('DESC')} LIMIT 1"""
 
 
+INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
+
+
+def spannable(t: Target) -> bool:
+    """Whether the slice end can be computed instead of read (one integer key column)."""
+    return len(t.key) == 1 and t.key[0].sql_type in INTEGER_TYPES
+
+
+def span_end(t: Target) -> str:
+    """The next slice's end by arithmetic, for one integer key: $3 values after $1, none
+    beyond $2 (no row when the range is exhausted). Unique integers in that span are at most $3
+    keys, so work per batch stays bounded by the size without reading the index; on gaps the
+    slice simply holds fewer keys. Used after a dense slice (see ``PgSession.run_batch``): it
+    spares the index-only scan of ``slice_end``, whose cost grows with the size."""
+    (k,) = t.key
+    after, upto = "(($1::text[])[1])::numeric", "(($2::text[])[1])::numeric"
+    return f"""
+        SELECT least({after} + $3, {upto})::{k.sql_type} AS {ident(k.name)}
+        WHERE {after} < {upto}"""
+
+
 def _upto_last(t: Target) -> str:
     ends = ", ".join(f"(SELECT {ident(k.name)} FROM backfill_last)" for k in t.key)
     return f"{t.row()} <= ({ends})" if len(t.key) > 1 else f"{t.row()} <= {ends}"
 
 
-def batch(t: Target, *, set_: str, where: str, first: bool) -> str:
+def batch(t: Target, *, set_: str, where: str, first: bool, span: bool = False) -> str:
     """One batch as one statement: slice, UPDATE, checkpoint, in one implicit transaction.
 
     Parameters: $1 cursor (text[]), $2 range end (text[]), $3 size, $4 job, $5 shard.
     Returns one row: ``cursor`` (the slice's last key, NULL when the range is exhausted),
     ``rows`` (rows the UPDATE reported), ``saved`` (1 when the checkpoint moved) and
     ``control`` (live overrides from the checkpoint, read for free on every batch).
+    With ``span`` (one integer key, not the first batch) the slice ends ``$3`` key values after
+    the cursor (``span_end``) rather than after ``$3`` keys.
     """
+    end = span_end(t) if span and not first else slice_end(t, first=first)
+    # The UPDATE's rows are counted once (backfill_count), not once per reader.
     return f"""
-WITH backfill_last AS ({slice_end(t, first=first)}
+WITH backfill_last AS ({end}
 ), backfill_changed AS (
     UPDATE {t.relation} SET {set_}
     WHERE {_after(t, first=first)} AND {_upto_last(t)} AND ({where})
     RETURNING 1
+), backfill_count AS (
+    SELECT count(*) AS n FROM backfill_changed
 ), backfill_saved AS (
     UPDATE {SCHEMA}.checkpoints
     SET cursor = (SELECT {t.as_text()} FROM backfill_last),
-        rows_updated = rows_updated + (SELECT count(*) FROM backfill_changed),
+        rows_updated = rows_updated + (SELECT n FROM backfill_count),
         batches = batches + 1, updated_at = clock_timestamp()
     WHERE job = $4 AND shard = $5 AND EXISTS (SELECT FROM backfill_last)
     RETURNING cursor, control
 )
 SELECT (SELECT {t.as_text()} FROM backfill_last) AS cursor,
-       (SELECT count(*) FROM backfill_changed) AS rows,
+       (SELECT n FROM backfill_count) AS rows,
        (SELECT count(*) FROM backfill_saved) AS saved,
        (SELECT control FROM backfill_saved) AS control"""
+
+
+def fragment_checks(t: Target, *, set_: str, where: str) -> dict[str, str]:
+    """``set`` and ``where`` each in a statement of its own, to prepare (never run) before
+    anything is written, so that a problem is reported against the right job-file field."""
+    return {
+        "set": f"UPDATE {t.relation} SET {set_}\nWHERE false",
+        "where": f"SELECT FROM {t.relation} WHERE ({where}\n)",
+    }
 
 
 def dry_batch(t: Target, *, set_: str, where: str, first: bool) -> str:
@@ -336,13 +433,15 @@ FROM pg_partition_tree($1::oid::regclass)
 
 def sample_counts(t: Target) -> str:
     """Keys in a page sample of $1 percent that lie in the range [$2, $3] (all keys when $2 is
-    NULL), and those of them at or below the cursor $4 (none when NULL). Comparisons run on the
-    server, in the key's type and collation, so they agree with the order batches follow."""
+    NULL), those of them at or below the cursor $4 (none when NULL), and the pages sampled.
+    Comparisons run on the server, in the key's type and collation, so they agree with the order
+    batches follow."""
     row, lo, hi, cursor = t.row(), t.param_row(2), t.param_row(3), t.param_row(4)
     return f"""
 SELECT count(*) FILTER (WHERE $2::text[] IS NULL OR ({row} >= {lo} AND {row} <= {hi})) AS in_range,
        count(*) FILTER (WHERE $4::text[] IS NOT NULL AND {row} >= {lo} AND {row} <= {cursor})
-           AS done
+           AS done,
+       count(DISTINCT (tableoid, (ctid::text::point)[0])) AS pages
 FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4)"""
 
 

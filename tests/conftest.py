@@ -98,6 +98,9 @@ class Database:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "BACKFILL_"))}
         env.pop("DATABASE_URL", None)
         env["BACKFILL_DATABASE_URL"] = self.dsn
+        # No metrics endpoint on the default port (9477) unless a test asks for one: runs in
+        # parallel would race for it, and a test suite should not listen on all interfaces.
+        env["BACKFILL_METRICS_PORT"] = "0"
         env.update(extra)
         return env
 

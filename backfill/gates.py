@@ -1,0 +1,203 @@
+"""Health gates: reasons to hold the next batch while the database is struggling.
+
+``Gates`` decides from measurements (pure; unit-tested through a fake ``Probe``). ``PgProbe``
+takes them on the runner's small second connection, each query under a short statement timeout
+(``[throttle] check_timeout``); it is the one module of the throttles that imports asyncpg. It
+connects lazily: a run without gates that is never paused never opens it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import asyncpg
+
+from backfill import sql
+from backfill.control import Knobs
+from backfill.job import Job
+from backfill.pg import Budget, connect
+from backfill.protocols import Probe
+from backfill.settings import ConnectParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A gate that holds the next batch: its throttle reason and what it saw."""
+
+    reason: str
+    detail: str
+
+
+class CheckError(Exception):
+    """A gate's check could not be made (its message says why)."""
+
+
+@dataclass
+class Gates:
+    probe: Probe
+    job: str
+    _failing: set[str] = field(default_factory=set)  # gates whose check fails (logged once)
+
+    @staticmethod
+    def enabled(knobs: Knobs) -> bool:
+        t = knobs.throttle
+        limits = (t.max_replication_lag, t.max_slot_lag_bytes, t.max_active_sessions)
+        return t.health_query is not None or any(limit is not None for limit in limits)
+
+    async def check(self, knobs: Knobs) -> Verdict | None:
+        """The first gate that holds, or None to go on. A check that fails holds too, unless
+        ``on_check_error = "ignore"``."""
+        t = knobs.throttle
+        gates: list[tuple[str, Any, Callable[[], Awaitable[Any]]]] = [
+            ("replication_lag", t.max_replication_lag, self.probe.replication_lag),
+            ("slot_lag", t.max_slot_lag_bytes, self.probe.slot_lag_bytes),
+            ("active_sessions", t.max_active_sessions, self.probe.active_sessions),
+            ("health_query", t.health_query, self.probe.healthy),
+        ]
+        for reason, limit, measure in gates:
+            if limit is None:
+                continue
+            try:
+                value = await measure()
+            except Exception as exc:
+                detail = f"check failed: {_describe(exc)}"
+                if reason not in self._failing:
+                    self._failing.add(reason)
+                    log.warning(
+                        "health check failed",
+                        extra={"job": self.job, "gate": reason, "error": _describe(exc),
+                               "on_check_error": t.on_check_error},
+                    )
+                if t.on_check_error == "ignore":
+                    continue
+                return Verdict(reason, detail)
+            if reason in self._failing:
+                self._failing.discard(reason)
+                log.info("health check works again", extra={"job": self.job, "gate": reason})
+            if reason == "health_query":
+                if value is not True:
+                    return Verdict(reason, "health_query returned false")
+            elif value > limit:
+                return Verdict(reason, _over(reason, value, limit))
+        return None
+
+
+def _over(reason: str, value: float, limit: float) -> str:
+    if reason == "replication_lag":
+        return f"standby replay lag {value:.1f}s > {limit:g}s"
+    if reason == "slot_lag":
+        return f"a logical slot retains {value / 2**20:.1f} MiB of WAL > {limit / 2**20:.1f} MiB"
+    return f"{value:g} active sessions > {limit:g}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class PgProbe:
+    """The ``Probe`` on PostgreSQL: one dedicated connection, opened on first use, reopened
+    after it is lost, named like the runner's (``backfill:<job>``) so a DBA sees whose it is."""
+
+    def __init__(self, params: ConnectParams, job: Job, *, shard: int = 0) -> None:
+        self.params = params
+        self.job = job
+        self.shard = shard
+        t = job.throttle
+        self.budget = Budget(
+            statement_timeout=t.check_timeout,
+            lock_timeout=min(t.check_timeout, job.limits.lock_timeout),
+            connect_timeout=min(job.limits.connect_timeout, 5.0),
+        )
+        self.application_name = f"backfill:{job.name}"[:63]
+        self._conn: asyncpg.Connection | None = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = None
+            conn = await connect(
+                self.params, budget=self.budget, application_name=self.application_name
+            )
+            await conn.set_type_codec(
+                "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+            )
+            self._conn = conn
+        return self._conn
+
+    async def _fetchrow(self, query: str, *args: Any, readonly: bool = False) -> asyncpg.Record:
+        conn = await self._connection()
+        try:
+            # The server cancels at check_timeout; this catches a dead network.
+            with anyio.fail_after(self.budget.statement_timeout + 2):
+                if readonly:
+                    async with conn.transaction(readonly=True):
+                        row = await conn.fetchrow(query, *args)
+                else:
+                    row = await conn.fetchrow(query, *args)
+        except TimeoutError:
+            self._drop()
+            raise
+        except Exception:
+            if conn.is_closed():
+                self._conn = None
+            raise
+        if row is None:
+            raise CheckError("the query returned no row")
+        return row
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with anyio.move_on_after(2, shield=True):
+                try:
+                    await conn.close(timeout=2)
+                except Exception:
+                    conn.terminate()
+
+    async def control(self) -> Mapping[str, Any]:
+        row = await self._fetchrow(sql.CONTROL, self.job.name, self.shard)
+        return dict(row[0] or {})
+
+    async def set_state(self, state: str) -> None:
+        conn = await self._connection()
+        with anyio.fail_after(self.budget.statement_timeout + 2):
+            await conn.execute(sql.SHOW_STATE, self.job.name, self.shard, state)
+
+    async def replication_lag(self) -> float:
+        row = await self._fetchrow(sql.REPLICATION_LAG)
+        if row["hidden"]:
+            raise CheckError(_PRIVILEGE.format(what="standbys' replay lag"))
+        return float(row["lag"])
+
+    async def slot_lag_bytes(self) -> int:
+        return int((await self._fetchrow(sql.SLOT_LAG))[0])
+
+    async def active_sessions(self) -> int:
+        row = await self._fetchrow(sql.ACTIVE_SESSIONS, self.application_name)
+        if row["hidden"]:
+            raise CheckError(_PRIVILEGE.format(what="other sessions' state"))
+        return int(row["active"])
+
+    async def healthy(self) -> bool:
+        query = self.job.throttle.health_query
+        if query is None:
+            return True
+        value = (await self._fetchrow(query, readonly=True))[0]
+        if not isinstance(value, bool):
+            raise CheckError(f"health_query returned {value!r}, not a boolean")
+        return value
+
+
+_PRIVILEGE = "the runner's role cannot read {what}: grant it pg_monitor (or pg_read_all_stats)"

@@ -1,0 +1,161 @@
+"""The runner's throttle: how gentle to be before each batch, from the live settings.
+
+In order of precedence, the next batch waits for
+
+1. ``paused``: an operator's ``backfill pause`` (until ``backfill resume``);
+2. the health gates (``replication_lag``, ``slot_lag``, ``active_sessions``, ``health_query``),
+   checked at most every ``check_every`` and re-checked every ``check_every`` while one holds;
+3. pacing: ``sleep`` (``max(sleep_seconds, sleep_ratio x last batch's duration)`` after each
+   batch) or ``rate_limit`` (``max_rows_per_second``), whichever wants longer.
+
+Each ``Pause`` has exactly one reason and lasts at most ``check_every``, then the governor is
+asked again: every second not spent writing is attributed to one reason, metrics stay fresh
+during a long wait, and while it waits the governor re-reads the live control every
+``check_every`` (no batch brings it then), so ``resume`` and ``set`` take effect within that.
+
+What holds the runner is logged once per change and shown in the checkpoint's ``state``
+(``paused``, or ``throttled`` while a gate holds) for ``status`` on any machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from backfill.checkpoint import PAUSED, RUNNING, THROTTLED, BatchResult
+from backfill.control import Knobs, Live
+from backfill.gates import Gates, Verdict
+from backfill.job import Job
+from backfill.protocols import Pause, Probe
+from backfill.ratelimit import RateLimit
+from backfill.sizing import AdaptiveSizer
+
+log = logging.getLogger(__name__)
+
+HOLDING = ("paused", "replication_lag", "slot_lag", "active_sessions", "health_query")
+EPSILON = 0.001  # shorter waits are not worth a pause
+
+
+class Governor:
+    def __init__(
+        self,
+        live: Live,
+        *,
+        probe: Probe | None = None,
+        gates: Gates | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.live = live
+        self.probe = probe
+        self.gates = gates
+        self.clock = clock
+        self.rate = RateLimit()
+        self._batch_end: float | None = None  # when the last committed batch came back
+        self._batch_seconds = 0.0
+        self._checked_at = -math.inf
+        self._verdict: Verdict | None = None
+        self._waiting = False
+        self._holding: str | None = None  # what holds the runner now (a HOLDING reason)
+        self._holding_since = 0.0
+        self._poll_failing = False
+
+    async def next_pause(self, last: BatchResult | None) -> Pause | None:
+        now = self.clock()
+        knobs = self.live.knobs
+        if last is not None:
+            self._batch_end, self._batch_seconds = now, last.seconds
+            self.rate.spend(
+                last.rows, started=now - last.seconds, rate=knobs.limits.max_rows_per_second
+            )
+        elif self._waiting and now - self.live.fresh_at >= knobs.throttle.check_every - EPSILON:
+            await self._poll()
+            knobs = self.live.knobs
+        pause = await self._hold(knobs) or self._pace(knobs)
+        await self._note(pause)
+        self._waiting = pause is not None
+        return pause
+
+    async def _hold(self, knobs: Knobs) -> Pause | None:
+        every = knobs.throttle.check_every
+        if knobs.paused:
+            return Pause(every, "paused")
+        if self.gates is None or not self.gates.enabled(knobs):
+            self._verdict = None
+            return None
+        if self.clock() - self._checked_at >= every - EPSILON:
+            self._verdict = await self.gates.check(knobs)
+            self._checked_at = self.clock()
+        if self._verdict is None:
+            return None
+        return Pause(max(EPSILON, self._checked_at + every - self.clock()), self._verdict.reason)
+
+    def _pace(self, knobs: Knobs) -> Pause | None:
+        now = self.clock()
+        sleep = 0.0
+        if self._batch_end is not None:
+            b = knobs.batch
+            want = max(b.sleep_seconds, b.sleep_ratio * self._batch_seconds)
+            sleep = self._batch_end + want - now
+        rate = self.rate.wait(now, knobs.limits.max_rows_per_second)
+        seconds, reason = max((sleep, "sleep"), (rate, "rate_limit"))
+        if seconds < EPSILON:
+            return None
+        return Pause(min(seconds, knobs.throttle.check_every), reason)
+
+    async def _poll(self) -> None:
+        if self.probe is None:
+            return
+        try:
+            overrides = await self.probe.control()
+        except Exception as exc:
+            if not self._poll_failing:
+                self._poll_failing = True
+                log.warning(
+                    "cannot read live control; keeping the last known",
+                    extra={"job": self.live.job, "error": f"{type(exc).__name__}: {exc}"},
+                )
+            return
+        self._poll_failing = False
+        self.live.apply(overrides)
+
+    async def _note(self, pause: Pause | None) -> None:
+        holding = pause.reason if pause is not None and pause.reason in HOLDING else None
+        if holding == self._holding:
+            return
+        now, job = self.clock(), self.live.job
+        if holding is None:
+            log.info(
+                "resumed",
+                extra={"job": job, "held_by": self._holding,
+                       "seconds": round(now - self._holding_since, 3)},
+            )
+        elif holding == "paused":
+            log.warning(
+                "paused by an operator", extra={"job": job, "resume": f"backfill resume {job}"}
+            )
+        else:
+            detail = self._verdict.detail if self._verdict is not None else ""
+            log.warning(
+                "held by a health gate", extra={"job": job, "reason": holding, "detail": detail}
+            )
+        self._holding, self._holding_since = holding, now
+        await self._show(PAUSED if holding == "paused" else THROTTLED if holding else RUNNING)
+
+    async def _show(self, state: str) -> None:
+        if self.probe is None:
+            return
+        try:
+            await self.probe.set_state(state)
+        except Exception as exc:  # only a display: never stop or slow the run for it
+            log.debug("could not show state", extra={"job": self.live.job, "error": str(exc)})
+
+
+def for_job(job: Job, probe: Probe | None) -> Governor:
+    """The governor for a run of ``job``, with its live settings (``governor.live``) and the
+    sizer they tune (``governor.live.sizer``): both go to the loop too."""
+    b = job.batch
+    sizer = AdaptiveSizer(b.size, b.min_size, b.max_size, target_seconds=b.target_seconds)
+    live = Live(Knobs.from_job(job), job=job.name, sizer=sizer)
+    return Governor(live, probe=probe, gates=Gates(probe, job.name) if probe is not None else None)

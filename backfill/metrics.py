@@ -1,0 +1,256 @@
+"""Prometheus metrics of a run: an ``Observer`` that keeps its own registries current.
+
+Every series carries the labels ``job`` (the job's name) and ``shard``, plus ``outcome``,
+``reason`` or ``state`` where named; never a key value. Label values that are known in advance
+are created at zero, so each family is complete from the first scrape (``rate()`` works from the
+start, and a Pushgateway push replaces a family instead of leaving an old run's series behind).
+
+Two registries:
+
+* ``registry``: everything a run reports while it works; served on ``/metrics`` and pushed.
+* ``success``: ``backfill_last_success_timestamp_seconds`` alone, set and pushed only when a run
+  succeeds, so a failed run can never overwrite the time of the last success.
+
+Observer callbacks run on the event loop; the HTTP server reads the registries from its own
+thread (prometheus_client's metrics are thread-safe).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from backfill import __version__
+from backfill.checkpoint import (
+    FAILED,
+    INTERRUPTED,
+    PAUSED,
+    RUNNING,
+    SUCCEEDED,
+    THROTTLED,
+    BatchResult,
+    Checkpoint,
+    Key,
+)
+from backfill.errors import BatchFailure
+from backfill.progress import Tracker
+from backfill.protocols import Pause
+
+STATES = (RUNNING, THROTTLED, PAUSED, INTERRUPTED, SUCCEEDED, FAILED)
+FINAL_STATES = (INTERRUPTED, SUCCEEDED, FAILED)
+OUTCOMES = ("committed", "retried", "failed")
+# BatchFailure.reason values (backfill.pg.translate); others appear when first seen.
+ERROR_REASONS = (
+    "statement_timeout", "lock_timeout", "deadlock", "serialization", "connection", "data",
+    "resources",
+)
+# Pause.reason values (backfill.throttle and the throttles of issue 4); others appear when seen.
+THROTTLE_REASONS = (
+    "sleep", "rate_limit", "replication_lag", "slot_lag", "active_sessions", "health_query",
+    "paused", "backoff",
+)
+# Resolves 10 ms .. 60 s: a batch is meant to take well under the statement timeout (5 s default).
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+NAN = math.nan
+
+
+class RunMetrics:
+    """An ``Observer`` that turns a run's events into Prometheus metrics.
+
+    ``finish`` records how the run ended (``commands.run`` calls it whatever happened, also
+    when the loop failed before it could report a state).
+    """
+
+    def __init__(
+        self,
+        *,
+        job: str,
+        table: str,
+        shard: int = 0,
+        tracker: Tracker | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job = job
+        self.shard = str(shard)
+        self.tracker = tracker or Tracker()
+        self.clock = clock
+        self.monotonic = monotonic
+        self.opened = False  # a session opened: this run held the job's lock
+        self.current_state = ""
+        self._pending: BatchFailure | None = None  # a rolled-back attempt not yet resolved
+        self._states = list(STATES)
+        labels = ["job", "shard"]
+        r = self.registry = CollectorRegistry()
+        self.rows_updated = Counter(
+            "backfill_rows_updated", "Rows the batches' UPDATEs reported.", labels, registry=r
+        )
+        self.rows_skipped = Counter(
+            "backfill_rows_skipped", "Rows skipped because the SET fails on them.", labels,
+            registry=r,
+        )
+        self.batches = Counter(
+            "backfill_batches", "Batch attempts by outcome: committed, retried, failed.",
+            [*labels, "outcome"], registry=r,
+        )
+        self.errors = Counter(
+            "backfill_batch_errors", "Rolled-back batch attempts by reason.",
+            [*labels, "reason"], registry=r,
+        )
+        self.duration = Histogram(
+            "backfill_batch_duration_seconds", "Time of each committed batch's statement.",
+            labels, buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.batch_size = Gauge(
+            "backfill_batch_size", "Keys per batch in the latest attempt.", labels, registry=r
+        )
+        self.throttle = Counter(
+            "backfill_throttle_seconds", "Seconds spent waiting between batches, by reason.",
+            [*labels, "reason"], registry=r,
+        )
+        self.progress = Gauge(
+            "backfill_progress_ratio",
+            "Fraction of the fixed key range done (0..1); NaN when unknown.", labels, registry=r,
+        )
+        self.remaining = Gauge(
+            "backfill_rows_remaining_estimate",
+            "Rows still to update, extrapolated from rows per key space so far; NaN when unknown.",
+            labels, registry=r,
+        )
+        self.eta = Gauge(
+            "backfill_eta_seconds",
+            "Key space left over key space covered per second recently; NaN when unknown.",
+            labels, registry=r,
+        )
+        self.last_commit = Gauge(
+            "backfill_last_commit_timestamp_seconds",
+            "Unix time of the last committed batch (of the run's start before the first one).",
+            labels, registry=r,
+        )
+        self.state_gauge = Gauge(
+            "backfill_state", "1 for the run's current state, 0 for the others.",
+            [*labels, "state"], registry=r,
+        )
+        self.info = Info(
+            "backfill", "The job's table and the runner's version.", labels, registry=r
+        )
+        self.success = CollectorRegistry()
+        self.last_success = Gauge(
+            "backfill_last_success_timestamp_seconds", "Unix time the job last succeeded.",
+            labels, registry=self.success,
+        )
+        # What the HTTP endpoint serves: both registries.
+        self.served = CollectorRegistry()
+        self.served.register(self.registry)
+        self.served.register(self.success)
+
+        ids = (job, self.shard)
+        self.info.labels(*ids).info({"table": table, "version": __version__})
+        for outcome in OUTCOMES:
+            self.batches.labels(*ids, outcome)
+        for reason in ERROR_REASONS:
+            self.errors.labels(*ids, reason)
+        for reason in THROTTLE_REASONS:
+            self.throttle.labels(*ids, reason)
+        self.rows_updated.labels(*ids)
+        self.rows_skipped.labels(*ids)
+        self.duration.labels(*ids)
+        self.batch_size.labels(*ids)
+        self.last_commit.labels(*ids).set(clock())
+        self._set_state(RUNNING)
+        self._refresh()
+
+    # --- Observer -------------------------------------------------------------------------------
+
+    def started(self, checkpoint: Checkpoint) -> None:
+        self.opened = True
+        self.tracker.start(checkpoint, self.monotonic())
+        self._refresh()
+
+    def committed(self, result: BatchResult) -> None:
+        self._resolve("retried")
+        ids = (self.job, self.shard)
+        self.batches.labels(*ids, "committed").inc()
+        self.rows_updated.labels(*ids).inc(result.rows)
+        self.duration.labels(*ids).observe(result.seconds)
+        self.batch_size.labels(*ids).set(result.size)
+        self.last_commit.labels(*ids).set(self.clock())
+        self.tracker.commit(result, self.monotonic())
+        self._refresh()
+
+    def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:
+        self._resolve("retried")  # another attempt followed the previous one
+        self.errors.labels(self.job, self.shard, failure.reason).inc()
+        self.batch_size.labels(self.job, self.shard).set(size)
+        self._pending = failure
+
+    def skipped(self, key: Key) -> None:
+        self._resolve("retried")
+        self.rows_skipped.labels(self.job, self.shard).inc()
+
+    def throttled(self, pause: Pause) -> None:
+        self.throttle.labels(self.job, self.shard, pause.reason).inc(max(0.0, pause.seconds))
+        self._refresh()
+
+    def state(self, state: str) -> None:
+        if self.current_state in FINAL_STATES:
+            return
+        self._set_state(state)
+        if state == SUCCEEDED:
+            self.last_success.labels(self.job, self.shard).set(self.clock())
+        self._refresh()
+
+    # --- the end of a run -----------------------------------------------------------------------
+
+    def finish(self, state: str, error: BaseException | None = None) -> None:
+        """Record how the run ended: the attempt it gave up on, if any, and the final state."""
+        if state == FAILED and self.opened:
+            cause = error.__cause__ if error is not None else None
+            if isinstance(cause, BatchFailure) and cause is not self._pending:
+                # The loop gave up on an attempt it did not report (retries exhausted).
+                self._resolve("retried")
+                self.errors.labels(self.job, self.shard, cause.reason).inc()
+                self.batches.labels(self.job, self.shard, "failed").inc()
+            else:
+                self._resolve("failed")
+        self._resolve("retried")  # interrupted during a backoff: the next run retries it
+        self.state(state)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.current_state == SUCCEEDED
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _resolve(self, outcome: str) -> None:
+        if self._pending is not None:
+            self._pending = None
+            self.batches.labels(self.job, self.shard, outcome).inc()
+
+    def _set_state(self, state: str) -> None:
+        self.current_state = state
+        if state not in self._states:
+            self._states.append(state)
+        for s in self._states:
+            self.state_gauge.labels(self.job, self.shard, s).set(1 if s == state else 0)
+
+    def _refresh(self) -> None:
+        """Derived gauges: progress, remaining rows and ETA, from the tracker."""
+        ids = (self.job, self.shard)
+        t = self.tracker
+        if self.current_state == SUCCEEDED:
+            done, remaining, eta = 1.0, 0.0, 0.0
+        else:
+            done = _or_nan(t.fraction)
+            remaining = _or_nan(t.rows_remaining())
+            eta = _or_nan(t.eta_seconds())
+        self.progress.labels(*ids).set(done)
+        self.remaining.labels(*ids).set(remaining)
+        self.eta.labels(*ids).set(eta)
+
+
+def _or_nan(value: float | None) -> float:
+    return NAN if value is None else value
