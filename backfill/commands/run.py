@@ -1,0 +1,156 @@
+"""``backfill run``: wire the loop to PostgreSQL, throttles, observers, signals and metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import anyio
+
+from backfill import governor
+from backfill.checkpoint import FAILED, INTERRUPTED, Checkpoint
+from backfill.errors import BackfillError, Interrupted, RowError
+from backfill.estimate import FirstStart, estimate_progress
+from backfill.export import Exporter
+from backfill.gates import PgProbe
+from backfill.job import Job
+from backfill.loop import Loop, Policy
+from backfill.metrics import RunMetrics
+from backfill.observers import Fanout, LogLines, Progress, TerminalLine
+from backfill.progress import Tracker
+from backfill.protocols import Observer, Throttle
+from backfill.ranges import WHOLE, Shard
+from backfill.session import Identity, PgConnector
+from backfill.settings import ConnectParams, Telemetry
+from backfill.shutdown import Stop, stop_after, watch_signals
+from backfill.throttle import AllOf
+
+log = logging.getLogger(__name__)
+
+
+def identity() -> Identity:
+    return Identity(host=socket.gethostname(), pid=os.getpid())
+
+
+def policy_for(job: Job) -> Policy:
+    return Policy(
+        job=job.name,
+        size=job.batch.size,
+        min_size=job.batch.min_size,
+        max_size=job.batch.max_size,
+        max_retries=job.limits.max_retries,
+        connect_retry_seconds=job.limits.connect_retry_seconds,
+        skip_bad_rows=job.on_row_error == "skip",
+    )
+
+
+def default_observers(
+    job: Job, tracker: Tracker, stream: TextIO, *, log_every: float = 30.0
+) -> list[Observer]:
+    progress = Progress(tracker)
+    shown: Observer = (
+        TerminalLine(stream, progress)
+        if stream.isatty()
+        else LogLines(job.name, progress, every=log_every)
+    )
+    return [progress, shown]
+
+
+async def run(
+    job: Job,
+    params: ConnectParams,
+    *,
+    observers: Sequence[Observer] | None = None,
+    throttles: Sequence[Throttle] = (),
+    stream: TextIO | None = None,
+    shard: Shard = WHOLE,
+    telemetry: Telemetry | None = None,
+) -> Checkpoint:
+    """Run the job to the end of its key range (or resume it). Returns the final checkpoint.
+
+    SIGTERM/SIGINT stop after the batch in flight (``Interrupted``, exit 75); a second signal
+    aborts the batch in flight, which rolls back. With ``telemetry``, the run's Prometheus
+    metrics are served and/or pushed (``backfill.export``) for as long as it lasts.
+    """
+    tracker = Tracker()
+    trackers: list[Tracker] = []  # those that show progress, for a text key's sampled estimate
+    if observers is None:
+        log_every = telemetry.log_every if telemetry is not None else 30.0
+        observers = default_observers(job, tracker, stream or sys.stderr, log_every=log_every)
+        trackers.append(tracker)
+    exporter: Exporter | None = None
+    if telemetry is not None:
+        metrics = RunMetrics(job=job.name, table=job.table.display, shard=shard.index)
+        exporter = Exporter(metrics, telemetry)
+        observers = [*observers, metrics]
+        trackers.append(metrics.tracker)
+    first = FirstStart()
+    observers = [first, *observers]
+    stop = Stop()
+    # Gates and live control while no batch runs use a small second connection, opened lazily.
+    probe = PgProbe(params, job, shard=shard.index)
+    gov = governor.for_job(job, probe)
+    loop = Loop(
+        policy_for(job),
+        PgConnector(params, job, identity=identity(), shard=shard),
+        throttle=AllOf([gov, *throttles]),
+        observer=Fanout(observers),
+        stop=stop,
+        sizer=gov.live.sizer,
+        control=gov.live,
+    )
+    outcome: Checkpoint | BaseException | None = None
+    abort = anyio.CancelScope()
+    if exporter is not None:
+        exporter.start()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_signals, stop, abort)
+            if job.limits.max_run_seconds is not None:
+                tg.start_soon(stop_after, stop, job.limits.max_run_seconds)
+            if trackers:
+                tg.start_soon(estimate_progress, params, job, first, trackers)
+            if exporter is not None:
+                tg.start_soon(exporter.push_periodically)
+            with abort:
+                try:
+                    outcome = await loop.run()
+                except BackfillError as error:
+                    outcome = error
+            tg.cancel_scope.cancel()
+    finally:
+        await probe.aclose()
+        _log_end(job, outcome)
+        if exporter is not None:
+            await exporter.close(
+                _final_state(outcome, aborted=abort.cancelled_caught),
+                outcome if isinstance(outcome, BaseException) else None,
+            )
+    if abort.cancelled_caught:
+        raise Interrupted("aborted by a second signal; the batch in flight rolled back")
+    if isinstance(outcome, BaseException):
+        raise outcome
+    assert outcome is not None
+    return outcome
+
+
+def _final_state(outcome: Checkpoint | BaseException | None, *, aborted: bool) -> str:
+    if aborted or isinstance(outcome, Interrupted):
+        return INTERRUPTED
+    if isinstance(outcome, Checkpoint):
+        return outcome.state
+    return FAILED
+
+
+def _log_end(job: Job, outcome: Checkpoint | BaseException | None) -> None:
+    """One structured line for a run that failed (the CLI prints the same as plain text)."""
+    if isinstance(outcome, BackfillError) and not isinstance(outcome, Interrupted):
+        extra: dict[str, Any] = {"job": job.name, "error": str(outcome),
+                                 "exit_code": int(outcome.exit_code)}
+        if isinstance(outcome, RowError):
+            extra["keys"] = list(outcome.keys)
+        log.error("run failed", extra=extra)
