@@ -1,0 +1,78 @@
+"""Fixtures for the fault suite.
+
+Tests that stop, crash or reconfigure a server get their own (``own_pg``, one per module), never
+the shared session server. ``admin`` is a superuser connection to the test's database for
+polling and injecting faults. ``figures`` collects what the suite survived; with
+``BACKFILL_FAULT_FIGURES=path`` set it appends them there as JSON lines (the README's figures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import asyncpg
+import pytest
+
+from backfill import sql
+from backfill.pgtemp import TempPostgres
+from tests.conftest import Database
+
+from .harness import FIGURES
+
+
+@pytest.fixture(scope="module")
+def own_pg() -> Iterator[TempPostgres]:
+    """A dedicated server for destructive tests (restarts, pg_hba changes)."""
+    server = TempPostgres(fast=True).start()
+
+    async def template() -> None:
+        conn = await asyncpg.connect(server.dsn())
+        await conn.execute("CREATE DATABASE backfill_template")
+        await conn.close()
+        conn = await asyncpg.connect(server.dsn("backfill_template"))
+        await conn.execute(sql.INIT)
+        await conn.close()
+
+    try:
+        anyio.run(template, backend="asyncio")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def own_db(own_pg: TempPostgres) -> AsyncIterator[Database]:
+    name = f"f{os.getpid()}_{os.urandom(4).hex()}"
+    admin = await asyncpg.connect(own_pg.dsn())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE backfill_template')
+        yield Database(own_pg, name)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def admin(db: Database) -> AsyncIterator[asyncpg.Connection]:
+    conn = await db.connect()
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def figures() -> Counter[str]:
+    return FIGURES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _write_figures() -> Iterator[None]:
+    yield
+    path = os.environ.get("BACKFILL_FAULT_FIGURES")
+    if path and FIGURES:
+        with open(path, "a") as f:
+            f.write(json.dumps(dict(FIGURES)) + "\n")
