@@ -1,0 +1,86 @@
+"""``python3 -m benchmarks``: the whole benchmark in one run (see README, "Performance")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import anyio
+
+from benchmarks import report
+from benchmarks.options import SECTIONS, Options
+from benchmarks.suite import run_suite
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+
+
+def parse(argv: list[str]) -> tuple[Options, bool]:
+    defaults = Options()
+    p = argparse.ArgumentParser(prog="python3 -m benchmarks", description=__doc__)
+    p.add_argument("--rows", type=int, default=defaults.rows,
+                   help="rows in the users table (default 1M)")
+    p.add_argument("--big-rows", type=int, default=defaults.big_rows,
+                   help="rows of the larger table for RSS at scale; 0 skips it (default 5M)")
+    p.add_argument("--repeat", type=int, default=defaults.repeat,
+                   help="repetitions of each throughput scenario (default 3)")
+    p.add_argument("--load-seconds", type=float, default=defaults.load_seconds,
+                   help="length of each effect-on-others window (default 6)")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to run: {', '.join(SECTIONS)}")
+    p.add_argument("--scenarios", default="",
+                   help="comma-separated scenario names to run (default: all), e.g. "
+                        "procedure-1000,runner-1000")
+    p.add_argument("--out", type=Path, default=defaults.out, help="where the JSON goes")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny tables, one repetition: checks the code, numbers mean nothing")
+    p.add_argument("--readme", action="store_true",
+                   help="also paste the tables into README.md between the benchmark markers")
+    a = p.parse_args(argv)
+    sections = tuple(s.strip() for s in a.only.split(",") if s.strip())
+    if unknown := set(sections) - set(SECTIONS):
+        p.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    if a.repeat < 1 or a.rows < 1 or a.big_rows < 0:
+        p.error("--repeat and --rows must be positive, --big-rows at least 0")
+    opts = Options(rows=a.rows, big_rows=a.big_rows, repeat=a.repeat,
+                   load_seconds=a.load_seconds, sections=sections, out=a.out,
+                   scenarios=tuple(s.strip() for s in a.scenarios.split(",") if s.strip()))
+    if a.smoke:
+        opts = opts.smoked()
+    if a.readme and a.smoke:
+        p.error("--readme with --smoke would publish meaningless numbers")
+    return opts, a.readme
+
+
+def paste(readme: Path, table: str) -> bool:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        return False
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{table}{END}{tail}")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts, readme = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("backfill").setLevel(logging.WARNING)  # in-process runs: no chatter
+    results = anyio.run(run_suite, opts, backend="asyncio")
+    results["targets"] = report.targets(results)
+    table = report.markdown(results)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = opts.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    tmp.replace(opts.out)
+    print(table)
+    if readme and not paste(README, table):
+        print(f"README.md has no {START} ... {END} markers: not pasted", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""What one benchmark run measures, as plain frozen values (the command line fills them in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ("throughput", "effect", "growth")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    rows: int = 1_000_000
+    """Rows in the users table every scenario backfills."""
+    big_rows: int = 5_000_000
+    """Rows of the second, larger table for runner RSS and rows/s at scale (0: skip)."""
+    repeat: int = 3
+    """Repetitions of each throughput scenario (median and spread are reported)."""
+    batch_sizes: tuple[int, ...] = (1000, 10_000)
+    load_seconds: float = 6.0
+    """How long each "effect on everyone else" window runs the backfill under load."""
+    idle_seconds: float = 3.0
+    """The same load without a backfill, just before each window: that window's baseline."""
+    load_kinds: tuple[str, ...] = ("select-only", "tpcb-like")
+    pgbench_scale: int = 10
+    pgbench_clients: int = 4
+    pgbench_segment: tuple[str, str] = ("-T", "2")
+    """pgbench runs in back-to-back segments until the backfill ends; each segment's length."""
+    warmup: float = 1.0
+    """Seconds of load before a window opens: connections made, caches settled."""
+    writer_pause: float = 0.01
+    """Pause between two writes of the single-row writer."""
+    sections: tuple[str, ...] = SECTIONS
+    scenarios: tuple[str, ...] = ()
+    """Only the scenarios with these names (all when empty)."""
+    loaded_scenarios: tuple[str, ...] = ()
+    """Only these of them under load (all that apply when empty)."""
+    out: Path = RESULTS / "latest.json"
+    smoke: bool = False
+
+    def smoked(self) -> Options:
+        """A tiny, single-repetition run that exercises every code path in seconds."""
+        return replace(
+            self,
+            rows=min(self.rows, 3000),
+            big_rows=min(self.big_rows, 6000),
+            repeat=1,
+            batch_sizes=self.batch_sizes[:1],
+            load_seconds=1.0,
+            idle_seconds=0.5,
+            load_kinds=self.load_kinds[-1:],
+            # The other runner scenarios take the same code path under load.
+            loaded_scenarios=("update", "do-block", f"runner-{self.batch_sizes[0]}"),
+            warmup=0.1,
+            pgbench_scale=1,
+            pgbench_segment=("-t", "20"),
+            smoke=True,
+        )

@@ -1,0 +1,202 @@
+"""Our runner, two ways: the CLI as a user runs it (a real process: whole-process wall time and
+peak RSS), and in-process through the programmatic API with an observer that records every
+batch (for batch-time profiles across the key range)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydantic import SecretStr
+
+from backfill import commands
+from backfill.checkpoint import BatchResult
+from backfill.errors import BackfillError, Interrupted
+from backfill.job import Job, parse_job
+from backfill.settings import ConnectParams
+from benchmarks.db import SET_, WHERE, Bench
+from benchmarks.sample import Sample
+
+REPO = Path(__file__).resolve().parent.parent
+JOB = "bench-users"
+
+
+def job_fields(
+    *,
+    table: str = "users",
+    size: int = 1000,
+    sleep_seconds: float = 0.0,
+    target_seconds: float | None = None,
+    sleep_ratio: float = 0.0,
+    batch: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A job over the benchmark's table; ``batch`` and ``limits`` add or override fields."""
+    batch = {"size": size, "max_size": max(size, 100_000), **(batch or {})}
+    if sleep_seconds:
+        batch["sleep_seconds"] = sleep_seconds
+    if sleep_ratio:
+        batch["sleep_ratio"] = sleep_ratio
+    if target_seconds is not None:
+        batch["target_seconds"] = target_seconds
+    job = {
+        "name": JOB,
+        "table": f"public.{table}",
+        "key": "id",
+        "set": SET_,
+        "where": WHERE,
+        "batch": batch,
+    }
+    return job | ({"limits": limits} if limits else {})
+
+
+def supported(fields: dict[str, Any]) -> str | None:
+    """None when this version of the runner accepts the job, else why not."""
+    try:
+        parse_job(fields, source="benchmark")
+    except BackfillError as error:
+        return str(error)
+    return None
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value)
+
+
+def write_job(directory: Path, fields: dict[str, Any]) -> Path:
+    lines = [f"{k} = {_toml(v)}" for k, v in fields.items() if not isinstance(v, dict)]
+    for name, table in fields.items():
+        if isinstance(table, dict):
+            lines += [f"\n[{name}]", *(f"{k} = {_toml(v)}" for k, v in table.items())]
+    path = directory / "job.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    exit_code: int
+    seconds: float
+    max_rss_mb: float | None
+    stderr: str
+
+
+def _cli_env(dsn: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "BACKFILL_"))}
+    env.pop("DATABASE_URL", None)
+    env["BACKFILL_DATABASE_URL"] = dsn
+    env["BACKFILL_METRICS_PORT"] = "0"  # no HTTP endpoint: runs must not fight over a port
+    return env
+
+
+LAUNCH = Path(__file__).resolve().with_name("launch.py")
+
+
+def _spawn(args: list[str], env: dict[str, str], stop_after: float | None) -> Process:
+    """Run a process to its end through ``launch.py`` (which measures it: wall time from its
+    start, peak RSS of its own); SIGTERM it after ``stop_after`` seconds. Blocking."""
+    with tempfile.TemporaryFile(mode="w+") as err, tempfile.NamedTemporaryFile("r") as out:
+        launcher = [sys.executable, "-S", str(LAUNCH), out.name, *args]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(launcher, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        # A pidfd cannot signal a recycled pid, whatever the timer's timing.
+        pidfd = os.pidfd_open(proc.pid)
+        timer = None
+        if stop_after is not None:
+            timer = threading.Timer(stop_after, _terminate, (pidfd,))
+            timer.start()
+        try:
+            proc.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+                timer.join()
+            os.close(pidfd)
+        err.seek(0)
+        measured = out.read().split()
+        if not measured:  # the launcher itself was stopped before it started the command
+            return Process(proc.returncode, time.perf_counter() - t0, None, err.read())
+        code, seconds, rss_kb = measured
+        return Process(int(code), float(seconds), int(rss_kb) / 1024, err.read())
+
+
+def _terminate(pidfd: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+async def cli_run(
+    bench: Bench, fields: dict[str, Any], scenario: str, *, stop_after: float | None = None
+) -> Sample:
+    """``backfill run job.toml`` in a real process; rows and batches from its checkpoint."""
+    with tempfile.TemporaryDirectory(prefix="backfill-bench-") as tmp:
+        path = write_job(Path(tmp), fields)
+        args = [sys.executable, "-m", "backfill", "run", str(path)]
+        proc = await anyio.to_thread.run_sync(_spawn, args, _cli_env(bench.dsn), stop_after)
+    completed = proc.exit_code == 0
+    # 75: stopped gracefully at the end of a window; -15: the window ended before the process
+    # had even installed its signal handlers (a tiny window in smoke mode).
+    if proc.exit_code not in (0, 75, -signal.SIGTERM):
+        raise RuntimeError(f"backfill run exited {proc.exit_code}: {proc.stderr[-2000:]}")
+    ckpt = await bench.checkpoint_row(JOB) or {}
+    stats = await bench.statement_stats(f'%UPDATE "public"."{fields["table"][7:]}" SET%')
+    batches = ckpt.get("batches")
+    run_seconds = ckpt.get("run_seconds")
+    return Sample(
+        scenario,
+        int(ckpt.get("rows_updated") or 0),
+        proc.seconds,
+        batches=batches,
+        longest_tx=None if stats is None else stats["max_ms"] / 1000,
+        run_seconds=run_seconds,
+        batch_ms=run_seconds * 1000 / batches if run_seconds and batches else None,
+        statement_ms=None if stats is None else stats["mean_ms"],
+        rss_mb=proc.max_rss_mb,
+        completed=completed,
+        exit_code=proc.exit_code,
+    )
+
+
+@dataclass
+class Recorder:
+    """An observer that keeps every committed batch (and ignores every other event)."""
+
+    batches: list[BatchResult] = field(default_factory=list)
+
+    def committed(self, result: BatchResult) -> None:
+        self.batches.append(result)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
+async def in_process(bench: Bench, fields: dict[str, Any]) -> tuple[list[BatchResult], float]:
+    """Run the job through ``backfill.commands.run``; every batch, and the wall seconds."""
+    job: Job = parse_job(fields, source="benchmark")
+    recorder = Recorder()
+    params = ConnectParams(dsn=SecretStr(bench.dsn))
+    t0 = time.perf_counter()
+    try:
+        await commands.run(job, params, observers=[recorder])  # type: ignore[list-item]
+    except Interrupted:
+        pass
+    return recorder.batches, time.perf_counter() - t0
+
