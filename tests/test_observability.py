@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backfill import commands, estimate
 from backfill.checkpoint import Checkpoint
+from backfill.commands import runner
 from backfill.job import parse_job
 from backfill.metrics import RunMetrics
 from backfill.progress import Tracker
@@ -144,7 +145,7 @@ async def test_metrics_of_a_run_through_the_api(
         captured.append(RunMetrics(**kwargs))
         return captured[-1]
 
-    monkeypatch.setattr(commands, "RunMetrics", keep)
+    monkeypatch.setattr(runner, "RunMetrics", keep)
     # Port 0: no endpoint; the run still keeps its metrics, checked here.
     ckpt = await commands.run(parse_job(users_job()), db.params, observers=[],
                               telemetry=Telemetry(metrics_port=0))

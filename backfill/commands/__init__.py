@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from backfill.commands._common import ADMIN_BUDGET
 from backfill.commands.inspect import Plan, plan, verify
-from backfill.commands.run import run
+from backfill.commands.runner import run
 from backfill.commands.state import (
     Controlled,
     Rate,
