@@ -19,12 +19,11 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from backfill import catalog, sql
-from backfill.checkpoint import SUCCEEDED, BatchResult, Checkpoint, Key
-from backfill.errors import BatchFailure
+from backfill.checkpoint import SUCCEEDED, Checkpoint, Key
 from backfill.job import Job
+from backfill.observers import Quiet
 from backfill.pg import CLIENT_SLACK
 from backfill.progress import KeyEstimate, Tracker, fraction
-from backfill.protocols import Pause
 from backfill.session import open_connection
 from backfill.settings import ConnectParams
 
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 SAMPLE_PAGES = 500  # random pages read, per shard
 
 
-class FirstStart:
+class FirstStart(Quiet):
     """An observer that remembers the checkpoint the run first started from."""
 
     def __init__(self) -> None:
@@ -44,21 +43,6 @@ class FirstStart:
         if self.checkpoint is None:
             self.checkpoint = checkpoint
             self.event.set()
-
-    def committed(self, result: BatchResult) -> None:
-        pass
-
-    def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:
-        pass
-
-    def skipped(self, key: Key) -> None:
-        pass
-
-    def throttled(self, pause: Pause) -> None:
-        pass
-
-    def state(self, state: str) -> None:
-        pass
 
 
 def needs_estimate(checkpoint: Checkpoint) -> bool:
@@ -82,8 +66,11 @@ async def sample(params: ConnectParams, job: Job, checkpoint: Checkpoint) -> Key
         wanted = SAMPLE_PAGES * max(1, checkpoint.shards)
         percent = 100.0 if pages <= wanted else 100.0 * wanted / pages
         row = await conn.fetchrow(
-            sql.sample_counts(target), percent, _text(checkpoint.range_lo),
-            _text(checkpoint.range_hi), _text(checkpoint.cursor),
+            sql.sample_counts(target),
+            percent,
+            _text(checkpoint.range_lo),
+            _text(checkpoint.range_hi),
+            _text(checkpoint.cursor),
         )
     finally:
         await conn.close(timeout=2)

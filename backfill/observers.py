@@ -19,6 +19,28 @@ from backfill.protocols import Observer, Pause
 log = logging.getLogger(__name__)
 
 
+class Quiet:
+    """An observer that ignores everything: subclass it and override what you need."""
+
+    def started(self, checkpoint: Checkpoint) -> None:
+        pass
+
+    def committed(self, result: BatchResult) -> None:
+        pass
+
+    def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:
+        pass
+
+    def skipped(self, key: Key) -> None:
+        pass
+
+    def throttled(self, pause: Pause) -> None:
+        pass
+
+    def state(self, state: str) -> None:
+        pass
+
+
 @dataclass
 class Fanout:
     """Send every event to each observer in turn."""

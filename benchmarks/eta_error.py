@@ -23,9 +23,9 @@ import asyncpg
 from pydantic import SecretStr
 
 from backfill import commands
-from backfill.checkpoint import BatchResult, Checkpoint, Key
-from backfill.errors import BatchFailure
+from backfill.checkpoint import BatchResult, Checkpoint
 from backfill.job import parse_job
+from backfill.observers import Quiet
 from backfill.pgtemp import TempPostgres
 from backfill.progress import Tracker
 from backfill.protocols import Pause
@@ -56,7 +56,7 @@ class Halfway:
 
 
 @dataclass
-class Sampler:
+class Sampler(Quiet):
     """An observer that records (time, fraction, ETA, average-rate ETA) after each batch."""
 
     tracker: Tracker
@@ -78,26 +78,20 @@ class Sampler:
             average = (1 - done) / ((done - self.f0) / (now - self.t0))
         self.points.append((now, done, self.tracker.eta_seconds(), average))
 
-    def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:
-        pass
-
-    def skipped(self, key: Key) -> None:
-        pass
-
-    def throttled(self, pause: Pause) -> None:
-        pass
-
-    def state(self, state: str) -> None:
-        pass
-
 
 def report(sampler: Sampler, end: float, change: float) -> None:
     """Error = ETA - time really left, as a share of the time really left."""
-    stretches = [(0.05, 0.5, "first half (steady)"), (0.5, 0.6, "50-60% (just after the change)"),
-                 (0.6, 0.75, "60-75%"), (0.75, 0.95, "75-95%")]
+    stretches = [
+        (0.05, 0.5, "first half (steady)"),
+        (0.5, 0.6, "50-60% (just after the change)"),
+        (0.6, 0.75, "60-75%"),
+        (0.75, 0.95, "75-95%"),
+    ]
     print(f"run: {end - sampler.t0:.1f} s; the pace changed at {change - sampler.t0:.1f} s")
-    print(f"{'stretch':34} {'window ETA: median |err|':>25} {'max |err|':>10} "
-          f"{'average-rate ETA: median |err|':>31}")
+    print(
+        f"{'stretch':34} {'window ETA: median |err|':>25} {'max |err|':>10} "
+        f"{'average-rate ETA: median |err|':>31}"
+    )
     for lo, hi, name in stretches:
         window, average = [], []
         for t, done, eta, avg in sampler.points:
@@ -108,11 +102,17 @@ def report(sampler: Sampler, end: float, change: float) -> None:
                 if avg is not None:
                     average.append(abs(avg - left) / left)
         if window:
-            print(f"{name:34} {100 * statistics.median(window):>24.1f}% "
-                  f"{100 * max(window):>9.1f}% {100 * statistics.median(average):>30.1f}%")
+            print(
+                f"{name:34} {100 * statistics.median(window):>24.1f}% "
+                f"{100 * max(window):>9.1f}% {100 * statistics.median(average):>30.1f}%"
+            )
     settled = next(
-        (t for t, done, eta, _ in sampler.points
-         if t > change and eta is not None and abs(eta - (end - t)) / (end - t) < 0.1), None,
+        (
+            t
+            for t, done, eta, _ in sampler.points
+            if t > change and eta is not None and abs(eta - (end - t)) / (end - t) < 0.1
+        ),
+        None,
     )
     if settled is not None:
         print(f"within 10% again {settled - change:.1f} s after the change")
@@ -130,11 +130,16 @@ async def main(rows: int, size: int, sleep: float, slow: float, window: float, l
             await conn.close()
         params = ConnectParams(dsn=SecretStr(pg.dsn()))
         await commands.init(params)
-        job = parse_job({
-            "name": "eta", "table": "users", "key": "id", "where": "display_name IS NULL",
-            "set": "display_name = first_name || ' ' || last_name",
-            "batch": {"size": size, "max_size": max(size, 100_000)},
-        })
+        job = parse_job(
+            {
+                "name": "eta",
+                "table": "users",
+                "key": "id",
+                "where": "display_name IS NULL",
+                "set": "display_name = first_name || ' ' || last_name",
+                "batch": {"size": size, "max_size": max(size, 100_000)},
+            }
+        )
         sampler = Sampler(Tracker(window=window, min_batches=least))
         print(f"ETA window: {window:g} s, at least {least} batches")
         halfway = Halfway(middle=rows // 2, first=sleep, second=slow)

@@ -34,14 +34,14 @@ def anyio_backend() -> str:
 def pg() -> Iterator[TempPostgres]:
     server = TempPostgres(fast=True).start()
     try:
-        _create_template(server)
+        create_template(server)
         yield server
     finally:
         server.stop()
 
 
-def _create_template(server: TempPostgres) -> None:
-    import anyio
+def create_template(server: TempPostgres) -> None:
+    """Create ``backfill_template``: an empty database with the state schema."""
 
     async def go() -> None:
         conn = await asyncpg.connect(server.dsn())

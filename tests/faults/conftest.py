@@ -13,13 +13,11 @@ import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 
-import anyio
 import asyncpg
 import pytest
 
-from backfill import sql
 from backfill.pgtemp import TempPostgres
-from tests.conftest import Database
+from tests.conftest import Database, create_template
 
 from .harness import FIGURES
 
@@ -28,17 +26,8 @@ from .harness import FIGURES
 def own_pg() -> Iterator[TempPostgres]:
     """A dedicated server for destructive tests (restarts, pg_hba changes)."""
     server = TempPostgres(fast=True).start()
-
-    async def template() -> None:
-        conn = await asyncpg.connect(server.dsn())
-        await conn.execute("CREATE DATABASE backfill_template")
-        await conn.close()
-        conn = await asyncpg.connect(server.dsn("backfill_template"))
-        await conn.execute(sql.INIT)
-        await conn.close()
-
     try:
-        anyio.run(template, backend="asyncio")
+        create_template(server)
         yield server
     finally:
         server.stop()
