@@ -1,4 +1,5 @@
-"""Decisions to wait: the per-batch sleep, combining throttles, and retry backoff."""
+"""Decisions to wait: combining throttles, and retry backoff (the sleep and rate limits are the
+governor's)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,6 @@ from dataclasses import dataclass, field
 
 from backfill.checkpoint import BatchResult
 from backfill.protocols import Pause, Throttle
-
-
-@dataclass(slots=True)
-class FixedSleep:
-    """Pause ``seconds`` after every committed batch."""
-
-    seconds: float
-
-    async def next_pause(self, last: BatchResult | None) -> Pause | None:
-        if last is None or self.seconds <= 0:
-            return None
-        return Pause(self.seconds, "sleep")
 
 
 @dataclass(slots=True)

@@ -107,14 +107,24 @@ class Database:
 
 @pytest.fixture
 async def db(pg: TempPostgres) -> AsyncIterator[Database]:
-    name = f"t{os.getpid()}_{next(_counter)}"
+    database = await new_database(pg)
+    yield database
     admin = await asyncpg.connect(pg.dsn())
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE backfill_template')
-        yield Database(pg, name)
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.execute(f'DROP DATABASE "{database.name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+async def new_database(server: TempPostgres, *, template: str = "backfill_template") -> Database:
+    """A database of its own on ``server``, cloned from ``template``."""
+    name = f"t{os.getpid()}_{next(_counter)}"
+    admin = await asyncpg.connect(server.dsn())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await admin.close()
+    return Database(server, name)
 
 
 def write_job(directory: Path, fields: Mapping[str, Any], *, filename: str = "job.toml") -> Path:

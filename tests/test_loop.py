@@ -25,9 +25,21 @@ from backfill.errors import (
 from backfill.loop import Loop, Policy
 from backfill.protocols import Pause
 from backfill.shutdown import Stop
-from backfill.throttle import Backoff, FixedSleep
+from backfill.throttle import Backoff
 
 pytestmark = pytest.mark.anyio
+
+
+@dataclass(slots=True)
+class FixedSleep:
+    """Pause ``seconds`` after every committed batch."""
+
+    seconds: float
+
+    async def next_pause(self, last: BatchResult | None) -> Pause | None:
+        if last is None or self.seconds <= 0:
+            return None
+        return Pause(self.seconds, "sleep")
 
 
 @dataclass

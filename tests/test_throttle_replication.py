@@ -17,7 +17,7 @@ import pytest
 from backfill import commands, sql
 from backfill.job import parse_job
 from backfill.pgtemp import TempPostgres, free_port
-from tests.conftest import Database, seed_users, users_job
+from tests.conftest import Database, new_database, seed_users, users_job
 from tests.throttle_support import Watch, install_log, poll, read_log
 
 pytestmark = pytest.mark.anyio
@@ -53,13 +53,7 @@ def replicated() -> Iterator[tuple[TempPostgres, TempPostgres]]:
 
 
 async def fresh_database(server: TempPostgres) -> Database:
-    name = f"repl{next(_names)}"
-    conn = await asyncpg.connect(server.dsn())
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    db = Database(server, name)
+    db = await new_database(server, template="template1")
     await db.execute(sql.INIT)
     return db
 

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from backfill.pgtemp import TempPostgres
-from tests.conftest import Database, create_template
+from tests.conftest import Database, create_template, new_database
 
 from .harness import FIGURES
 
@@ -35,13 +35,7 @@ def own_pg() -> Iterator[TempPostgres]:
 
 @pytest.fixture
 async def own_db(own_pg: TempPostgres) -> AsyncIterator[Database]:
-    name = f"f{os.getpid()}_{os.urandom(4).hex()}"
-    admin = await asyncpg.connect(own_pg.dsn())
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE backfill_template')
-        yield Database(own_pg, name)
-    finally:
-        await admin.close()
+    yield await new_database(own_pg)
 
 
 @pytest.fixture

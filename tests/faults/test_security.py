@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from backfill.pgtemp import TempPostgres, free_port
-from tests.conftest import REPO, USERS, Database, users_job, write_job
+from tests.conftest import REPO, USERS, Database, new_database, users_job, write_job
 
 from .harness import Cli, cli, exactly_once
 from .sessions import eventually
@@ -86,13 +86,7 @@ def secured(own_pg: TempPostgres) -> Iterator[TempPostgres]:
 @pytest.fixture
 async def bare(secured: TempPostgres) -> AsyncIterator[Database]:
     """A database without the state schema, with public.users owned by the superuser."""
-    name = f"s{os.getpid()}_{os.urandom(4).hex()}"
-    conn = await asyncpg.connect(secured.dsn())
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-    finally:
-        await conn.close()
-    db = Database(secured, name)
+    db = await new_database(secured, template="template0")
     await db.execute(USERS)
     await db.execute(
         "INSERT INTO users (id, first_name, last_name) "
