@@ -10,7 +10,12 @@ Two families:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from backfill.checkpoint import BatchResult
 
 
 class ExitCode(IntEnum):
@@ -61,6 +66,8 @@ class BatchFailure(Exception):
     """A failed batch attempt; the subclass encodes what the loop does next."""
 
     reason = "error"
+    # Batches of the same group that committed before this one failed (see Session).
+    committed: Sequence[BatchResult] = ()
 
 
 class StatementTimeout(BatchFailure):
@@ -81,6 +88,13 @@ class ConnectionLost(BatchFailure):
     """Reconnect with backoff, re-take the lock, reload the checkpoint, continue."""
 
     reason = "connection"
+
+
+class Superseded(ConnectionLost):
+    """The checkpoint was not where the runner left it (its compare-and-swap matched nothing):
+    the batch wrote nothing. Reconnect, re-take the lock, reload the checkpoint, continue."""
+
+    reason = "superseded"
 
 
 class DataFailure(BatchFailure):

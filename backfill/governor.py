@@ -77,6 +77,19 @@ class Governor:
         self._waiting = pause is not None
         return pause
 
+    def runway(self) -> float:
+        """How long the runner may go on without asking: not at all while something paces
+        every batch (sleep, the rate ceiling); else until the next gate check is due, and never
+        longer than ``check_every`` (between groups it reads live control)."""
+        knobs = self.live.knobs
+        b = knobs.batch
+        if knobs.paused or b.sleep_seconds or b.sleep_ratio or knobs.limits.max_rows_per_second:
+            return 0.0
+        every = knobs.throttle.check_every
+        if self.gates is not None and self.gates.enabled(knobs):
+            return max(0.0, self._checked_at + every - self.clock())
+        return every
+
     async def _hold(self, knobs: Knobs) -> Pause | None:
         every = knobs.throttle.check_every
         if knobs.paused:

@@ -36,12 +36,13 @@ from backfill.errors import (
     Interrupted,
     RowError,
     StatementTimeout,
+    Superseded,
     Unavailable,
 )
 from backfill.protocols import Connector, ControlSink, Observer, Pause, Session, Throttle
 from backfill.shutdown import Stop
 from backfill.sizing import Sizer
-from backfill.throttle import Backoff
+from backfill.throttle import Backoff, runway_of
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,10 @@ class Loop:
         self.sizer = sizer or Sizer(policy.size, policy.min_size, policy.max_size)
         self.control = control
         self.failures = _Failures(policy.max_retries)
+        # What the last session knew it had committed (rows, batches), and whether it ended
+        # with a lost connection (so the next one may find more than it knew).
+        self._counted: tuple[int, int] | None = None
+        self._reconnecting = False
 
     async def run(self) -> Checkpoint:
         """Run to the end of the range. Returns the final checkpoint.
@@ -118,6 +123,7 @@ class Loop:
                 async with self._connect() as session:
                     return await self._work(session)
             except ConnectionLost as lost:
+                self._reconnecting = not isinstance(lost, Superseded)
                 # Observers first: the attempt that exhausts max_retries counts too.
                 self.observer.failed(lost, cursor=None, size=self.sizer.size)
                 attempt = self.failures.add(lost)
@@ -162,7 +168,15 @@ class Loop:
             yield session
 
     async def _work(self, session: Session) -> Checkpoint:
+        try:
+            return await self._batches(session)
+        finally:
+            ckpt = session.checkpoint
+            self._counted = (ckpt.rows_updated, ckpt.batches)
+
+    async def _batches(self, session: Session) -> Checkpoint:
         checkpoint = session.checkpoint
+        self._catch_up(checkpoint)
         self.observer.started(checkpoint)
         self._apply_control(checkpoint.control)  # e.g. a pause that outlived the last run
         if checkpoint.state == SUCCEEDED or checkpoint.empty:
@@ -172,33 +186,37 @@ class Loop:
         self.observer.state(RUNNING)
         cursor = checkpoint.cursor
         last: BatchResult | None = None
+        steady = False  # the last attempt committed: the next may be grouped
         try:
             while True:
                 await self._pauses(last)
                 if self.stop.requested:
                     raise Interrupted(f"stopped ({self.stop.reason}); checkpoint saved")
                 size = self.sizer.size
+                # Batches may run grouped while nothing needs deciding between them: not after a
+                # failure, nor while the size is being adjusted, nor when a throttle says so.
+                grouped = steady and self.sizer.settled
+                within = runway_of(self.throttle) if grouped else 0.0
                 try:
-                    last = await session.run_batch(cursor, size)
-                except ConnectionLost:
-                    raise
-                except DataFailure as failure:
-                    cursor = await self._bisect(session, failure, cursor, size)
-                    last = None
-                    continue
+                    results = await session.run_batches(cursor, size, within=within)
                 except BatchFailure as failure:
-                    await self._retry(failure, cursor, size)
-                    last = None
+                    steady, last = False, None
+                    for result in failure.committed:  # its group's batches before it
+                        cursor = self._commit(result)
+                    if isinstance(failure, ConnectionLost):
+                        raise
+                    if isinstance(failure, DataFailure):
+                        cursor = await self._bisect(session, failure, cursor, size)
+                    else:
+                        await self._retry(failure, cursor, size)
                     continue
-                self.failures.count = 0
-                if last.cursor is None:
-                    await session.finish(SUCCEEDED)
-                    self.observer.state(SUCCEEDED)
-                    return session.checkpoint
-                cursor = last.cursor
-                self.sizer.succeeded(last.seconds)
-                self._apply_control(last.control)
-                self.observer.committed(last)
+                for last in results:
+                    if last.cursor is None:
+                        await session.finish(SUCCEEDED)
+                        self.observer.state(SUCCEEDED)
+                        return session.checkpoint
+                    cursor = self._commit(last)
+                steady = True
         except Interrupted as stop:
             await _quietly(session.finish(INTERRUPTED, error=str(stop)))
             self.observer.state(INTERRUPTED)
@@ -215,6 +233,26 @@ class Loop:
             await _quietly(session.finish(FAILED, error=str(error)))
             self.observer.state(FAILED)
             raise
+
+    def _commit(self, result: BatchResult) -> Key | None:
+        """What follows committed batches: sizing, live control, observers."""
+        self.failures.count = 0
+        self.sizer.succeeded(result.seconds)
+        self._apply_control(result.control)
+        self.observer.committed(result)
+        return result.cursor
+
+    def _catch_up(self, checkpoint: Checkpoint) -> None:
+        """Batches that committed as the connection was lost (a group's, or one whose answer
+        never arrived) are counted when the next session finds them in the checkpoint."""
+        if self._counted is not None and self._reconnecting:
+            rows, batches = self._counted
+            for n in range(checkpoint.batches - batches):  # their rows, on the first of them
+                self.observer.committed(BatchResult(
+                    cursor=checkpoint.cursor, rows=0 if n else checkpoint.rows_updated - rows,
+                    size=self.sizer.size, seconds=0.0,
+                ))
+        self._reconnecting = False
 
     async def _pauses(self, last: BatchResult | None) -> None:
         pause = await self.throttle.next_pause(last)

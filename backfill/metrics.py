@@ -175,7 +175,8 @@ class RunMetrics:
         ids = (self.job, self.shard)
         self.batches.labels(*ids, "committed").inc()
         self.rows_updated.labels(*ids).inc(result.rows)
-        self.duration.labels(*ids).observe(result.seconds)
+        if result.seconds > 0:  # 0: a batch found committed after a lost connection
+            self.duration.labels(*ids).observe(result.seconds)
         self.batch_size.labels(*ids).set(result.size)
         self.last_commit.labels(*ids).set(self.clock())
         self.tracker.commit(result, self.monotonic())

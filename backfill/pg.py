@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 
+from backfill import sql
 from backfill.errors import (
     BackfillError,
     BatchFailure,
@@ -19,6 +20,7 @@ from backfill.errors import (
     Contention,
     DataFailure,
     StatementTimeout,
+    Superseded,
 )
 from backfill.settings import ConnectParams
 
@@ -96,6 +98,8 @@ def translate(
             return Contention(f"{prefix}{message}", reason=_CONTENTION[state])
         if state in _GONE or state.startswith("08"):
             return ConnectionLost(f"{prefix}{message}")
+        if state == "22P02" and sql.MOVED in message:
+            return Superseded(f"{prefix}{message}: another runner on the same job?")
         if state.startswith(("22", "23")) or state == "P0001":
             return DataFailure(f"{prefix}{message}")
         if state.startswith("28"):

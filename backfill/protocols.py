@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,10 +17,16 @@ class Session(Protocol):
     @property
     def checkpoint(self) -> Checkpoint: ...
 
-    async def run_batch(self, cursor: Key | None, size: int) -> BatchResult:
-        """Update the next ``size`` keys after ``cursor`` and commit the new cursor with them.
+    async def run_batches(
+        self, cursor: Key | None, size: int, *, within: float = 0.0
+    ) -> Sequence[BatchResult]:
+        """Update the next ``size`` keys after ``cursor`` and commit the new cursor with them;
+        or, when the loop may go on for ``within`` seconds without a decision, as many such
+        batches as fit, each its own transaction. Returns what each committed: one result,
+        or several (a last ``cursor`` None: the range is exhausted).
 
-        Raises a ``BatchFailure`` subclass when the attempt rolled back.
+        Raises a ``BatchFailure`` subclass when an attempt rolled back; its ``committed`` holds
+        the batches that committed before it.
         """
         ...
 
@@ -64,9 +70,14 @@ class Throttle(Protocol):
     async def next_pause(self, last: BatchResult | None) -> Pause | None:
         """How long to wait before the next batch, and why; None to go on.
 
-        Called with the batch just committed, then again with None after each pause it
-        returned, until it returns None.
+        Called with the batch (or group) just committed, then again with None after each
+        pause it returned, until it returns None.
         """
+        ...
+
+    def runway(self) -> float:
+        """Seconds from now the runner may go on, batch after batch, before it must ask
+        again; 0 to be asked after every batch (a throttle without this method is)."""
         ...
 
 

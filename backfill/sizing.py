@@ -28,6 +28,11 @@ class Sizer:
     def _clamp(self, value: int) -> int:
         return max(self.min_size, min(self.max_size, value))
 
+    @property
+    def settled(self) -> bool:
+        """The size stays as it is after a success: no decision is due between batches."""
+        return self.size == self.target
+
     def succeeded(self, seconds: float) -> None:
         if self.size < self.target:
             self.size = min(self.target, max(self.size + 1, self.size * 3 // 2))
@@ -61,6 +66,11 @@ class AdaptiveSizer(Sizer):
     smoothing: float = 0.3  # weight of the newest batch in the EWMA
     slow: float = 1.5  # a batch slower than slow x target resizes from itself alone
     rate: float | None = None  # EWMA of keys per second; None until measured
+
+    @property
+    def settled(self) -> bool:
+        # Aiming at a duration sizes every batch from the one before it.
+        return self.target_seconds is None and self.size == self.target
 
     def succeeded(self, seconds: float) -> None:
         if self.target_seconds is None:

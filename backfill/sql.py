@@ -161,18 +161,25 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.controls (
     control    jsonb       NOT NULL DEFAULT '{{}}',
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+-- What the batches of the last group did, as (rows, microseconds, backend pid): the statement
+-- records it, since a group's statements return nothing to the client (see `group`). And
+-- whether the last slice was dense (one integer key: the next slice's end is then computed).
+ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS recent int8[];
+ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS dense boolean NOT NULL DEFAULT false;
 """
 
 STATE_EXISTS = f"SELECT to_regclass('{SCHEMA}.checkpoints') IS NOT NULL"
 # Everything a later version added to INIT is there (else `backfill init` upgrades it).
 STATE_CURRENT = f"""
 SELECT to_regclass('{SCHEMA}.controls') IS NOT NULL
-   AND EXISTS (SELECT FROM pg_attribute WHERE attrelid = '{SCHEMA}.checkpoints'::regclass
-               AND attname = 'settings' AND NOT attisdropped)
+   AND (SELECT count(*) FROM pg_attribute WHERE attrelid = '{SCHEMA}.checkpoints'::regclass
+        AND attname IN ('settings', 'recent', 'dense') AND NOT attisdropped) = 3
 """
 
 # An advisory lock per (job, shard); session-level, so it dies with the runner's connection.
-TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext('backfill:' || $1), $2)"
+TRY_LOCK = """
+SELECT pg_try_advisory_lock(hashtext('backfill:' || $1), $2) AS locked, pg_backend_pid() AS pid
+"""
 UNLOCK = "SELECT pg_advisory_unlock(hashtext('backfill:' || $1), $2)"
 LOCK_HOLDER = """
 SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.backend_start
@@ -315,14 +322,20 @@ def _after(t: Target, *, first: bool) -> str:
     return f"{t.row()} {'>=' if first else '>'} {t.param_row(1)}"
 
 
-def slice_end(t: Target, *, first: bool) -> str:
-    """The last key of the next slice: at most $3 keys after $1, none beyond $2."""
+def slice_end(t: Target, *, lower: str, upper: str, size: str) -> str:
+    """The last key of the next slice: at most ``size`` keys that satisfy the condition
+    ``lower``, none beyond the key ``upper`` (an index range scan: never OFFSET)."""
     return f"""
         SELECT {t.columns()} FROM (
             SELECT {t.columns()} FROM {t.relation}
-            WHERE {_after(t, first=first)} AND {t.row()} <= {t.param_row(2)}
-            ORDER BY {t.order()} LIMIT $3
+            WHERE {lower} AND {t.row()} <= {upper}
+            ORDER BY {t.order()} LIMIT {size}
         ) backfill_slice ORDER BY {t.order('DESC')} LIMIT 1"""
+
+
+def _next_slice(t: Target, *, first: bool) -> str:
+    """``slice_end`` in parameters: at most $3 keys after $1, none beyond $2."""
+    return slice_end(t, lower=_after(t, first=first), upper=t.param_row(2), size="$3")
 
 
 INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
@@ -333,41 +346,91 @@ def spannable(t: Target) -> bool:
     return len(t.key) == 1 and t.key[0].sql_type in INTEGER_TYPES
 
 
-def span_end(t: Target) -> str:
-    """The next slice's end by arithmetic, for one integer key: $3 values after $1, none
-    beyond $2 (no row when the range is exhausted). Unique integers in that span are at most $3
-    keys, so work per batch stays bounded by the size without reading the index; on gaps the
-    slice simply holds fewer keys. Used after a dense slice (see ``PgSession.run_batch``): it
-    spares the index-only scan of ``slice_end``, whose cost grows with the size."""
-    (k,) = t.key
-    after, upto = "(($1::text[])[1])::numeric", "(($2::text[])[1])::numeric"
-    return f"""
-        SELECT least({after} + $3, {upto})::{k.sql_type} AS {ident(k.name)}
-        WHERE {after} < {upto}"""
-
-
 def _upto_last(t: Target) -> str:
     ends = ", ".join(f"(SELECT {ident(k.name)} FROM backfill_last)" for k in t.key)
     return f"{t.row()} <= ({ends})" if len(t.key) > 1 else f"{t.row()} <= {ends}"
 
 
-def batch(t: Target, *, set_: str, where: str, first: bool, span: bool = False) -> str:
-    """One batch as one statement: slice, UPDATE, checkpoint, in one implicit transaction.
+def _claimed(t: Target, prefix: str) -> str:
+    """The key the claimed checkpoint row holds, from its typed columns ``prefix1..n`` (the
+    start, ``a``, or the range's end, ``z``)."""
+    cols = [f"(SELECT {prefix}{i} FROM backfill_from)" for i in range(1, len(t.key) + 1)]
+    return f"({', '.join(cols)})" if len(t.key) > 1 else cols[0]
 
-    Parameters: $1 cursor (text[]), $2 range end (text[]), $3 size, $4 job, $5 shard.
-    Returns one row: ``cursor`` (the slice's last key, NULL when the range is exhausted),
-    ``rows`` (rows the UPDATE reported), ``saved`` (1 when the checkpoint moved) and
-    ``control`` (live overrides from the checkpoint, read for free on every batch).
-    With ``span`` (one integer key, not the first batch) the slice ends ``$3`` key values after
-    the cursor (``span_end``) rather than after ``$3`` keys.
+
+# A batch whose claim matched nothing fails with this in its message (a cast error, the one way
+# plain SQL can raise; the sub-select keeps the planner from folding it early): so the rest of
+# its group never runs, and ``pg.translate`` knows it.
+MOVED = "backfill: the checkpoint moved"
+
+# The batch statement's parameters, typed where they first appear so that PREPARE (the
+# grouped form) and the driver's prepared statement agree: size, version, job, shard, and
+# whether the batch starts a group.
+BATCH_TYPES = ("int8", "int8", "text", "int4", "bool")
+
+
+def batch(t: Target, *, set_: str, where: str, first: bool) -> str:
+    """One batch as one statement: claim, slice, UPDATE, checkpoint, in one transaction.
+
+    The batch takes its start from the checkpoint row itself, which it claims ``FOR UPDATE``
+    only while the row's version (``batches``, which every batch and skip moves with the
+    cursor) has not passed ``$2``, the version this runner expects: a compare-and-swap. (In a
+    group the i-th batch expects the group's first version plus i; it finds less only when
+    batches before it found the range exhausted, and then it has nothing to do either.) A claim
+    that matches nothing (another runner moved the checkpoint on, or it was reset) leaves the
+    slice empty, so the statement writes nothing at all, data included, and then fails
+    (``MOVED``). Needing no value from the client
+    but the version, the same statement can run several times in one round trip (``group``).
+
+    Parameters: $1 size, $2 version, $3 job, $4 shard, $5 whether it starts a group
+    (``BATCH_TYPES``): it appends its rows, its duration (microseconds, measured by the server
+    from its claim to its save) and its backend's pid to the checkpoint's ``recent``, which the
+    first of a group empties. Returns one row: ``cursor`` (the slice's last key, NULL when the
+    range is exhausted), ``rows`` (rows the UPDATE reported), ``saved`` (1 when the checkpoint
+    moved),
+    ``control`` (live overrides, read for free) and ``pid`` (the backend that ran it). The
+    first batch of a range starts at its lowest key (``>=``), later ones after the cursor.
+
+    With one integer key, the statement decides for itself, from the checkpoint's ``dense``,
+    how the slice ends: after a dense slice ``$1`` key values after the cursor (computed,
+    sparing the index-only scan whose cost grows with the size), else after ``$1`` keys
+    (``slice_end``); a computed slice is dense when all its rows matched, a read one when it
+    is ``$1`` values wide. The end not chosen is never run (a one-time filter).
     """
-    end = span_end(t) if span and not first else slice_end(t, first=first)
+    lower = f"{t.row()} {'>=' if first else '>'} {_claimed(t, 'a')}"
+    end = slice_end(t, lower=lower, upper=_claimed(t, "z"), size="$1::int8")
+    typed = ", ".join(
+        f"{'range_lo' if first else 'cursor'}[{i}]::{k.sql_type} AS a{i}, "
+        f"range_hi[{i}]::{k.sql_type} AS z{i}"
+        for i, k in enumerate(t.key, 1)
+    )
+    dense = ""
+    if spannable(t):
+        key = ident(t.key[0].name)
+        width = f"(SELECT {key} FROM backfill_last)::numeric - (SELECT a1 FROM backfill_from)"
+        if first:  # the first slice includes its start
+            dense = f"\n        dense = {width} = $1::int8 - 1,"
+        else:
+            # Unique integers in a span of $1 values are at most $1 keys: work stays bounded
+            # by the size without reading the index; on gaps the slice just holds fewer keys.
+            end = f"""
+        SELECT least(a1::numeric + $1::int8, z1)::{t.key[0].sql_type} AS {key}
+        FROM backfill_from WHERE dense AND a1 < z1
+        UNION ALL
+        SELECT {key} FROM ({end}) backfill_read WHERE NOT (SELECT dense FROM backfill_from)"""
+            dense = f"""
+        dense = CASE WHEN (SELECT dense FROM backfill_from)
+                THEN (SELECT n FROM backfill_count) = $1::int8 ELSE {width} = $1::int8 END,"""
     # The UPDATE's rows are counted once (backfill_count), not once per reader.
     return f"""
-WITH backfill_last AS ({end}
+WITH backfill_from AS (
+    SELECT {typed}, dense, clock_timestamp() AS started FROM {SCHEMA}.checkpoints
+    WHERE job = $3::text AND shard = $4::int4 AND batches <= $2::int8
+      AND cursor IS {"" if first else "NOT "}NULL FOR UPDATE
+), backfill_last AS ({end}
 ), backfill_changed AS (
     UPDATE {t.relation} SET {set_}
-    WHERE {_after(t, first=first)} AND {_upto_last(t)} AND ({where})
+    WHERE {lower} AND {_upto_last(t)} AND ({where})
     RETURNING 1
 ), backfill_count AS (
     SELECT count(*) AS n FROM backfill_changed
@@ -375,14 +438,53 @@ WITH backfill_last AS ({end}
     UPDATE {SCHEMA}.checkpoints
     SET cursor = (SELECT {t.as_text()} FROM backfill_last),
         rows_updated = rows_updated + (SELECT n FROM backfill_count),
-        batches = batches + 1, updated_at = clock_timestamp()
-    WHERE job = $4 AND shard = $5 AND EXISTS (SELECT FROM backfill_last)
-    RETURNING cursor, control
+        batches = batches + 1, updated_at = clock_timestamp(),{dense}
+        recent = CASE WHEN $5::bool THEN '{{}}' ELSE coalesce(recent, '{{}}') END || ARRAY[
+            (SELECT n FROM backfill_count),
+            (extract(epoch FROM clock_timestamp() - (SELECT started FROM backfill_from))
+             * 1e6)::int8,
+            pg_backend_pid()]
+    WHERE job = $3 AND shard = $4 AND EXISTS (SELECT FROM backfill_last)
+    RETURNING control
 )
-SELECT (SELECT {t.as_text()} FROM backfill_last) AS cursor,
+SELECT CASE WHEN NOT EXISTS (SELECT FROM backfill_from)  -- the swap lost: fail, loudly
+            THEN (SELECT '{MOVED} (expected version ' || $2::text || ')')::int4 END AS lost,
+       (SELECT {t.as_text()} FROM backfill_last) AS cursor,
        (SELECT n FROM backfill_count) AS rows,
        (SELECT count(*) FROM backfill_saved) AS saved,
-       (SELECT control FROM backfill_saved) AS control"""
+       (SELECT control FROM backfill_saved) AS control,
+       pg_backend_pid() AS pid"""
+
+
+def literal(value: str) -> str:
+    """Quote one string literal (for ``EXECUTE`` in a group, where no parameters exist)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def prepare(name: str, statement: str) -> str:
+    """``PREPARE`` a batch statement under ``name``, for ``group``."""
+    return f"PREPARE {name} ({', '.join(BATCH_TYPES)}) AS {statement}"
+
+
+def group(name: str, *, size: int, version: int, count: int, job: str, shard: int) -> str:
+    """``count`` batches of the prepared statement ``name`` in one simple-query string, each in
+    its own transaction, the i-th expecting version ``version + i``. The server runs them one
+    after the other and stops at the first error (the committed ones stay, the failed one
+    rolls back, the rest never run); since PostgreSQL 13 each gets its own statement_timeout.
+    Only integers the runner made and the job's name (a validated identifier) are inlined."""
+    tail = f"{literal(job)}, {int(shard)}"
+    return "".join(
+        f"BEGIN; EXECUTE {name}({int(size)}, {int(version) + i}, {tail}, {str(i == 0).lower()}); "
+        "COMMIT; "
+        for i in range(count)
+    )
+
+
+# After a group: where the checkpoint stands (its truth), and which backend answered.
+AFTER_GROUP = f"""
+SELECT cursor, rows_updated, batches, control, recent, pg_backend_pid() AS pid
+FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2
+"""
 
 
 def fragment_checks(t: Target, *, set_: str, where: str) -> dict[str, str]:
@@ -397,7 +499,7 @@ def fragment_checks(t: Target, *, set_: str, where: str) -> dict[str, str]:
 def dry_batch(t: Target, *, set_: str, where: str, first: bool) -> str:
     """The batch's UPDATE alone, for EXPLAIN in ``plan`` (same parameters, $4/$5 unused)."""
     return f"""
-WITH backfill_last AS ({slice_end(t, first=first)}
+WITH backfill_last AS ({_next_slice(t, first=first)}
 )
 UPDATE {t.relation} SET {set_}
 WHERE {_after(t, first=first)} AND {_upto_last(t)} AND ({where})
@@ -407,7 +509,7 @@ WHERE {_after(t, first=first)} AND {_upto_last(t)} AND ({where})
 def count_slice(t: Target, *, where: str, first: bool) -> str:
     """Rows still matching ``where`` in one slice, and the slice's last key (for ``verify``)."""
     return f"""
-WITH backfill_last AS ({slice_end(t, first=first)}
+WITH backfill_last AS ({_next_slice(t, first=first)}
 )
 SELECT (SELECT {t.as_text()} FROM backfill_last) AS cursor,
        (SELECT count(*) FROM {t.relation}

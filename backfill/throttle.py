@@ -21,6 +21,16 @@ class AllOf:
         pauses = [p for t in self.throttles if (p := await t.next_pause(last)) is not None]
         return max(pauses, key=lambda p: p.seconds, default=None)
 
+    def runway(self) -> float:
+        """The shortest runway of all; a throttle that cannot say wants every batch."""
+        return min((runway_of(t) for t in self.throttles), default=0.0)
+
+
+def runway_of(throttle: Throttle) -> float:
+    """``throttle.runway()``, or 0 (decide after every batch) for one that cannot say."""
+    runway = getattr(throttle, "runway", None)
+    return float(runway()) if callable(runway) else 0.0
+
 
 @dataclass(slots=True)
 class Backoff:

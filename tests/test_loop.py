@@ -90,6 +90,11 @@ class FakeSession:
         start = 0 if cursor is None else bisect.bisect_right(keys, int(cursor[0]))
         return keys[start : start + size]
 
+    async def run_batches(
+        self, cursor: Key | None, size: int, *, within: float = 0.0
+    ) -> list[BatchResult]:
+        return [await self.run_batch(cursor, size)]
+
     async def run_batch(self, cursor: Key | None, size: int) -> BatchResult:
         w = self.world
         w.sizes.append(size)

@@ -1,0 +1,88 @@
+"""Exactly-once without the lock: every batch claims the checkpoint row with a compare-and-swap
+on its version, so a runner that is not where the checkpoint is writes nothing. Two runners
+forced onto one job (its lock bypassed) race for every batch; however they interleave, every
+row is updated exactly once."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import anyio
+import asyncpg
+import pytest
+
+from backfill import commands, session, sql
+from backfill.checkpoint import Checkpoint
+from backfill.job import parse_job
+from backfill.session import PgConnector
+from tests.conftest import Database, seed_users, users_job
+
+from .harness import Recorder, exactly_once
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+NAME = "users-display-name"
+
+
+async def no_lock(conn: asyncpg.Connection, name: str, *, shard: int = 0, wait: float) -> int:
+    """``take_lock`` bypassed: the runner believes it holds the job."""
+    return int(await conn.fetchval("SELECT pg_backend_pid()"))
+
+
+# Paced, one batch per round trip with a pause after each: the two runners take turns. Flat
+# out, batches run in groups, and a group stops at the swap it loses.
+@pytest.mark.parametrize(("rows", "sleep"), [(2_000, 0.02), (20_000, 0.0)],
+                         ids=["alone", "grouped"])
+async def test_two_runners_without_the_lock_update_every_row_once(
+    db: Database, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
+    figures: Counter[str], rows: int, sleep: float,
+) -> None:
+    await seed_users(db, f"generate_series(1, {rows})")
+    monkeypatch.setattr(session, "take_lock", no_lock)
+    # where = true: a slice applied twice would leave touched = 2.
+    job = parse_job(users_job(where="true", batch={"size": 100, "sleep_seconds": sleep},
+                              limits={"max_retries": 10_000}))
+    recorders = [Recorder(), Recorder()]
+    ends: list[Checkpoint] = []
+
+    async def runner(rec: Recorder) -> None:
+        ends.append(await commands.run(job, db.params, observers=[rec]))
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tg:
+            for rec in recorders:
+                tg.start_soon(runner, rec)
+    assert [c.state for c in ends] == ["succeeded", "succeeded"]
+    await exactly_once(admin, 1, rows)
+    # They did collide: swaps were lost (and wrote nothing).
+    lost = sum(rec.reasons().count("superseded") for rec in recorders)
+    assert lost >= 1
+    if sleep:
+        assert all(rec.commits for rec in recorders)  # they took turns
+    # What each runner reported is what it did: together, every row once.
+    assert sum(r.rows for rec in recorders for r in rec.commits) == rows
+    ckpt = await admin.fetchrow("SELECT * FROM backfill.checkpoints WHERE job = $1", NAME)
+    assert ckpt["rows_updated"] == rows
+    figures["lost_swaps"] += lost
+
+
+async def test_a_lost_swap_writes_nothing(db: Database, admin: asyncpg.Connection) -> None:
+    """The batch statement itself, expecting a version the checkpoint has moved past: it
+    fails, and neither the rows nor the checkpoint changed."""
+    await seed_users(db, "generate_series(1, 1000)")
+    job = parse_job(users_job(where="true"))
+    connector = PgConnector(db.params, job, identity=session.Identity("here", 1))
+    async with connector.session() as s:
+        await s.run_batches(None, 100)
+        before = await admin.fetchrow("SELECT * FROM backfill.checkpoints WHERE job = $1", NAME)
+        statement = await s.conn.prepare(s._batch(first=False))
+        for version in (0, before["batches"] - 1):  # versions the checkpoint moved past
+            with pytest.raises(asyncpg.InvalidTextRepresentationError, match=sql.MOVED):
+                await statement.fetchrow(100, version, NAME, 0, True)
+        after = await admin.fetchrow("SELECT * FROM backfill.checkpoints WHERE job = $1", NAME)
+        assert dict(after) == dict(before)
+        assert await admin.fetchval("SELECT count(*) FROM users WHERE touched > 0") == 100
+        # The version it is at works.
+        row = await statement.fetchrow(100, before["batches"], NAME, 0, True)
+        assert row["cursor"] == ["200"] and row["rows"] == 100
+    await exactly_once(admin, 1, 200)
