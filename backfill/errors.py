@@ -101,3 +101,9 @@ class DataFailure(BatchFailure):
     """A row-level data error in the job's SET: split the slice to find the row."""
 
     reason = "data"
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line of a message: its class and the first line of its text."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

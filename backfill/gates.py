@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import asyncpg
 
 from backfill import sql
 from backfill.control import Knobs
+from backfill.errors import one_line
 from backfill.job import Job
 from backfill.pg import Budget, connect
 from backfill.protocols import Probe
@@ -67,12 +69,12 @@ class Gates:
             try:
                 value = await measure()
             except Exception as exc:
-                detail = f"check failed: {_describe(exc)}"
+                detail = f"check failed: {one_line(exc)}"
                 if reason not in self._failing:
                     self._failing.add(reason)
                     log.warning(
                         "health check failed",
-                        extra={"job": self.job, "gate": reason, "error": _describe(exc),
+                        extra={"job": self.job, "gate": reason, "error": one_line(exc),
                                "on_check_error": t.on_check_error},
                     )
                 if t.on_check_error == "ignore":
@@ -97,11 +99,6 @@ def _over(reason: str, value: float, limit: float) -> str:
     return f"{value:g} active sessions > {limit:g}"
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 class PgProbe:
     """The ``Probe`` on PostgreSQL: one dedicated connection, opened on first use, reopened
     after it is lost, named like the runner's (``backfill:<job>``) so a DBA sees whose it is."""
@@ -118,6 +115,8 @@ class PgProbe:
         )
         self.application_name = f"backfill:{job.name}"[:63]
         self._conn: asyncpg.Connection | None = None
+        # Gates, live control and the impact budget's canary take turns on the connection.
+        self._turn = anyio.Lock()
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -132,6 +131,12 @@ class PgProbe:
         return self._conn
 
     async def _fetchrow(self, query: str, *args: Any, readonly: bool = False) -> asyncpg.Record:
+        async with self._turn:
+            return await self._fetchrow_now(query, *args, readonly=readonly)
+
+    async def _fetchrow_now(
+        self, query: str, *args: Any, readonly: bool = False
+    ) -> asyncpg.Record:
         conn = await self._connection()
         try:
             # The server cancels at check_timeout; this catches a dead network.
@@ -171,9 +176,38 @@ class PgProbe:
         return dict(row[0] or {})
 
     async def set_state(self, state: str) -> None:
+        async with self._turn:
+            conn = await self._connection()
+            with anyio.fail_after(self.budget.statement_timeout + 2):
+                await conn.execute(sql.SHOW_STATE, self.job.name, self.shard, state)
+
+    async def beat(self, report: Sequence[object]) -> tuple[float, float]:
+        async with self._turn:
+            read = await self._timed(sql.CANARY_READ, self.job.name, self.shard)
+            write = await self._timed(sql.CANARY_WRITE, self.job.name, self.shard, *report)
+        return read, write
+
+    async def _timed(self, query: str, *args: Any) -> float:
+        """Seconds ``query`` took; one that the check timeout cancelled took at least that."""
         conn = await self._connection()
-        with anyio.fail_after(self.budget.statement_timeout + 2):
-            await conn.execute(sql.SHOW_STATE, self.job.name, self.shard, state)
+        start = time.perf_counter()
+        try:
+            with anyio.fail_after(self.budget.statement_timeout + 2):
+                await conn.execute(query, *args)
+        except asyncpg.QueryCanceledError:
+            return max(time.perf_counter() - start, self.budget.statement_timeout)
+        except TimeoutError:
+            self._drop()
+            raise
+        except Exception:
+            if conn.is_closed():
+                self._conn = None
+            raise
+        return time.perf_counter() - start
+
+    async def others(self, within: float) -> tuple[int, int]:
+        row = await self._fetchrow(sql.OTHERS, self.application_name, within)
+        return int(row["active"]), int(row["hidden"])
 
     async def replication_lag(self) -> float:
         row = await self._fetchrow(sql.REPLICATION_LAG)

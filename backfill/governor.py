@@ -5,8 +5,11 @@ In order of precedence, the next batch waits for
 1. ``paused``: an operator's ``backfill pause`` (until ``backfill resume``);
 2. the health gates (``replication_lag``, ``slot_lag``, ``active_sessions``, ``health_query``),
    checked at most every ``check_every`` and re-checked every ``check_every`` while one holds;
-3. pacing: ``sleep`` (``max(sleep_seconds, sleep_ratio x last batch's duration)`` after each
-   batch) or ``rate_limit`` (``max_rows_per_second``), whichever wants longer.
+3. ``impact``, while the impact budget (``max_impact``, ``backfill.impact``) measures its
+   baseline with the runner idle, or cannot measure (and ``on_check_error`` is "pause");
+4. pacing: ``sleep`` (``max(sleep_seconds, sleep_ratio x last batch's duration)`` after each
+   batch), ``rate_limit`` (``max_rows_per_second``) or ``impact`` (the duty cycle the budget
+   allows), whichever wants longer.
 
 Each ``Pause`` has exactly one reason and lasts at most ``check_every``, then the governor is
 asked again: every second not spent writing is attributed to one reason, metrics stay fresh
@@ -14,7 +17,9 @@ during a long wait, and while it waits the governor re-reads the live control ev
 ``check_every`` (no batch brings it then), so ``resume`` and ``set`` take effect within that.
 
 What holds the runner is logged once per change and shown in the checkpoint's ``state``
-(``paused``, or ``throttled`` while a gate holds) for ``status`` on any machine.
+(``paused``, or ``throttled`` while a gate or the impact budget holds it back) for ``status``
+on any machine. ``runway`` tells the loop how long it may go on without asking (batches then
+run grouped): not while anything paces every batch.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Callable
 from backfill.checkpoint import PAUSED, RUNNING, THROTTLED, BatchResult
 from backfill.control import Knobs, Live
 from backfill.gates import Gates, Verdict
+from backfill.impact import Budget
 from backfill.job import Job
 from backfill.protocols import Pause, Probe
 from backfill.ratelimit import RateLimit
@@ -52,6 +58,8 @@ class Governor:
         self.gates = gates
         self.clock = clock
         self.rate = RateLimit()
+        # The impact budget, fed by backfill.canary while ``[throttle] max_impact`` is set.
+        self.impact = Budget(limit=1.0 + (live.knobs.throttle.max_impact or 0.0))
         self._batch_end: float | None = None  # when the last committed batch came back
         self._batch_seconds = 0.0
         self._checked_at = -math.inf
@@ -69,6 +77,7 @@ class Governor:
             self.rate.spend(
                 last.rows, started=now - last.seconds, rate=knobs.limits.max_rows_per_second
             )
+            self.impact.worked(now, last.seconds)
         elif self._waiting and now - self.live.fresh_at >= knobs.throttle.check_every - EPSILON:
             await self._poll()
             knobs = self.live.knobs
@@ -86,9 +95,19 @@ class Governor:
         if knobs.paused or b.sleep_seconds or b.sleep_ratio or knobs.limits.max_rows_per_second:
             return 0.0
         every = knobs.throttle.check_every
+        if self._measured(knobs):
+            every = min(every, self.impact.runway(self.clock()))
         if self.gates is not None and self.gates.enabled(knobs):
-            return max(0.0, self._checked_at + every - self.clock())
+            return max(0.0, min(every, self._checked_at + every - self.clock()))
         return every
+
+    def _measured(self, knobs: Knobs) -> bool:
+        """Whether the impact budget paces the run: it is set, and measuring (or, when it
+        cannot, ``on_check_error`` is "pause", which then holds the run)."""
+        t = knobs.throttle
+        return t.max_impact is not None and (
+            self.impact.broken is None or t.on_check_error == "pause"
+        )
 
     async def _hold(self, knobs: Knobs) -> Pause | None:
         every = knobs.throttle.check_every
@@ -96,13 +115,24 @@ class Governor:
             return Pause(every, "paused")
         if self.gates is None or not self.gates.enabled(knobs):
             self._verdict = None
-            return None
+            return self._window(knobs)
         if self.clock() - self._checked_at >= every - EPSILON:
             self._verdict = await self.gates.check(knobs)
             self._checked_at = self.clock()
         if self._verdict is None:
-            return None
+            return self._window(knobs)
         return Pause(max(EPSILON, self._checked_at + every - self.clock()), self._verdict.reason)
+
+    def _window(self, knobs: Knobs) -> Pause | None:
+        """The impact budget holds the run while it measures its baseline, or while it cannot
+        measure and ``on_check_error`` says to pause."""
+        if not self._measured(knobs):
+            return None
+        every = knobs.throttle.check_every
+        if self.impact.broken is not None:
+            return Pause(every, "impact")
+        hold = self.impact.hold(self.clock())
+        return Pause(min(hold, every), "impact") if hold else None
 
     def _pace(self, knobs: Knobs) -> Pause | None:
         now = self.clock()
@@ -112,7 +142,10 @@ class Governor:
             want = max(b.sleep_seconds, b.sleep_ratio * self._batch_seconds)
             sleep = self._batch_end + want - now
         rate = self.rate.wait(now, knobs.limits.max_rows_per_second)
-        seconds, reason = max((sleep, "sleep"), (rate, "rate_limit"))
+        impact = 0.0
+        if self._batch_end is not None and self._measured(knobs):
+            impact = self._batch_end + self.impact.pause(now, self._batch_seconds) - now
+        seconds, reason = max((sleep, "sleep"), (rate, "rate_limit"), (impact, "impact"))
         if seconds < EPSILON:
             return None
         return Pause(min(seconds, knobs.throttle.check_every), reason)

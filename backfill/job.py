@@ -62,6 +62,27 @@ def parse_bytes(value: object) -> int:
 
 Bytes = Annotated[int, BeforeValidator(parse_bytes)]
 
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def parse_share(value: object) -> float:
+    """A share from ``"20%"`` or a plain number (``0.2``)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a share such as '20%' or 0.2")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        if m := _PERCENT.match(value):
+            return float(m.group(1)) / 100
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{value!r} is not a share such as '20%' or 0.2")
+
+
+Share = Annotated[float, BeforeValidator(parse_share)]
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -112,6 +133,9 @@ class ThrottleConfig(_Frozen):
     max_active_sessions: int | None = Field(None, ge=0, le=1_000_000)
     health_query: str | None = Field(None, min_length=1, max_length=100_000)
     on_check_error: Literal["pause", "ignore"] = "pause"
+    # The impact budget: the application's queries may get at most this much slower
+    # ("20%" or 0.2; up to 1000%) because of the run (see backfill.impact).
+    max_impact: Share | None = Field(None, gt=0, le=10)
 
     @field_validator("health_query")
     @classmethod

@@ -36,8 +36,9 @@ from backfill.checkpoint import (
     Key,
 )
 from backfill.errors import BatchFailure
+from backfill.impact import Budget
 from backfill.progress import Tracker
-from backfill.protocols import Pause
+from backfill.protocols import THROTTLE_REASONS, Pause
 
 STATES = (RUNNING, THROTTLED, PAUSED, INTERRUPTED, SUCCEEDED, FAILED)
 FINAL_STATES = (INTERRUPTED, SUCCEEDED, FAILED)
@@ -45,12 +46,7 @@ OUTCOMES = ("committed", "retried", "failed")
 # BatchFailure.reason values (backfill.pg.translate); others appear when first seen.
 ERROR_REASONS = (
     "statement_timeout", "lock_timeout", "deadlock", "serialization", "connection", "data",
-    "resources",
-)
-# Pause.reason values (backfill.throttle and the throttles of issue 4); others appear when seen.
-THROTTLE_REASONS = (
-    "sleep", "rate_limit", "replication_lag", "slot_lag", "active_sessions", "health_query",
-    "paused", "backoff",
+    "resources", "superseded",
 )
 # Resolves 10 ms .. 60 s: a batch is meant to take well under the statement timeout (5 s default).
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -82,6 +78,8 @@ class RunMetrics:
         self.opened = False  # a session opened: this run held the job's lock
         self.current_state = ""
         self._pending: BatchFailure | None = None  # a rolled-back attempt not yet resolved
+        self._budget: tuple[Budget, Callable[[], bool]] | None = None  # see watch()
+        self._impact_on = False
         self._states = list(STATES)
         labels = ["job", "shard"]
         r = self.registry = CollectorRegistry()
@@ -137,6 +135,22 @@ class RunMetrics:
         self.info = Info(
             "backfill", "The job's table and the runner's version.", labels, registry=r
         )
+        # The impact budget (``[throttle] max_impact``); NaN while it is off or has not judged.
+        impact = {
+            "ratio": "The canary's latency with the run over without it (the larger of read "
+                     "and write); the budget keeps it at or under backfill_impact_limit.",
+            "limit": "1 + max_impact: the most the impact ratio may be.",
+            "canary_seconds": "The deciding canary latency now (the mean of its slower half).",
+            "baseline_seconds": "The same latency with the runner idle (its baseline).",
+            "allowance_ratio": "The duty cycle the budget allows: the share of the time the "
+                               "runner may spend in batches (1: full speed).",
+            "foreground": "1 while other sessions are at work, 0 while nobody else is there "
+                          "(full speed), NaN when the runner cannot tell.",
+        }
+        self.impact = {
+            name: Gauge(f"backfill_impact_{name}", text, labels, registry=r)
+            for name, text in impact.items()
+        }
         self.success = CollectorRegistry()
         self.last_success = Gauge(
             "backfill_last_success_timestamp_seconds", "Unix time the job last succeeded.",
@@ -162,6 +176,36 @@ class RunMetrics:
         self.last_commit.labels(*ids).set(clock())
         self._set_state(RUNNING)
         self._refresh()
+
+    def watch(self, budget: Budget, active: Callable[[], bool]) -> None:
+        """Serve the impact budget's gauges from ``budget``, read at each scrape or push, once
+        ``active()`` (the job sets ``max_impact``, perhaps only later through ``set``); a run
+        without a budget has no such series."""
+        self._budget = (budget, active)
+        self._refresh()
+
+    def _watch_impact(self) -> None:
+        if self._budget is None or self._impact_on or not self._budget[1]():
+            return
+        budget, active = self._budget
+        self._impact_on = True
+
+        def value(pick: Callable[[Budget], float | None]) -> Callable[[], float]:
+            return lambda: _or_nan(pick(budget)) if active() else NAN
+
+        def judged(name: str) -> Callable[[Budget], float | None]:
+            return lambda b: None if b.verdict is None else float(getattr(b.verdict, name))
+
+        picks: dict[str, Callable[[Budget], float | None]] = {
+            "ratio": judged("ratio"),
+            "limit": lambda b: b.limit,
+            "canary_seconds": judged("current"),
+            "baseline_seconds": judged("baseline"),
+            "allowance_ratio": lambda b: 1.0 if b.idle else b.duty,
+            "foreground": lambda b: None if b.others is None else float(b.others),
+        }
+        for name, pick in picks.items():
+            self.impact[name].labels(self.job, self.shard).set_function(value(pick))
 
     # --- Observer -------------------------------------------------------------------------------
 
@@ -240,6 +284,7 @@ class RunMetrics:
 
     def _refresh(self) -> None:
         """Derived gauges: progress, remaining rows and ETA, from the tracker."""
+        self._watch_impact()
         ids = (self.job, self.shard)
         t = self.tracker
         if self.current_state == SUCCEEDED:

@@ -56,7 +56,7 @@ class Connector(Protocol):
 # Every second the runner spends not writing is attributed to exactly one of these.
 THROTTLE_REASONS = (
     "sleep", "rate_limit", "replication_lag", "slot_lag", "active_sessions", "health_query",
-    "paused", "backoff",
+    "impact", "paused", "backoff",
 )
 
 
@@ -132,4 +132,15 @@ class Probe(Protocol):
 
     async def healthy(self) -> bool:
         """The job's ``health_query``."""
+        ...
+
+    async def beat(self, report: Sequence[object]) -> tuple[float, float]:
+        """One canary beat: a tiny read and a tiny committed write of the shard's canary row
+        (which keeps ``report``, what the impact budget measured last); their latencies in
+        seconds. A beat slower than the check timeout counts as that long."""
+        ...
+
+    async def others(self, within: float) -> tuple[int, int]:
+        """Client sessions other than the runner's at work now or within ``within`` seconds,
+        and those whose state the role may not see."""
         ...

@@ -166,12 +166,29 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.controls (
 -- whether the last slice was dense (one integer key: the next slice's end is then computed).
 ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS recent int8[];
 ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS dense boolean NOT NULL DEFAULT false;
+-- The impact budget's canary: a row per job and shard that a running job's probe reads and
+-- writes several times a second (never the checkpoint's row: a batch holds that one), and
+-- where it leaves what it measured, for `status`.
+CREATE TABLE IF NOT EXISTS {SCHEMA}.canaries (
+    job       text             NOT NULL,
+    shard     integer          NOT NULL,
+    beats     bigint           NOT NULL DEFAULT 0,
+    ratio     double precision,
+    budget    double precision,
+    duty      double precision,
+    current_s double precision,
+    baseline_s double precision,
+    deciding  text,
+    at        timestamptz      NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, shard)
+);
 """
 
 STATE_EXISTS = f"SELECT to_regclass('{SCHEMA}.checkpoints') IS NOT NULL"
 # Everything a later version added to INIT is there (else `backfill init` upgrades it).
 STATE_CURRENT = f"""
 SELECT to_regclass('{SCHEMA}.controls') IS NOT NULL
+   AND to_regclass('{SCHEMA}.canaries') IS NOT NULL
    AND (SELECT count(*) FROM pg_attribute WHERE attrelid = '{SCHEMA}.checkpoints'::regclass
         AND attname IN ('settings', 'recent', 'dense') AND NOT attisdropped) = 3
 """
@@ -589,6 +606,31 @@ FROM pg_stat_replication
 SLOT_LAG = """
 SELECT coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), 0)::int8
 FROM pg_replication_slots WHERE slot_type = 'logical' AND restart_lsn IS NOT NULL
+"""
+# The canary: a tiny read and a tiny committed write of the shard's own row, which also keeps
+# what the impact budget measured last (NULLs until it has), for `status`.
+CANARY_READ = f"SELECT beats FROM {SCHEMA}.canaries WHERE job = $1 AND shard = $2"
+CANARY_WRITE = f"""
+INSERT INTO {SCHEMA}.canaries AS c
+    (job, shard, beats, ratio, budget, duty, current_s, baseline_s, deciding)
+VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (job, shard) DO UPDATE
+SET beats = c.beats + 1, ratio = $3, budget = $4, duty = $5, current_s = $6, baseline_s = $7,
+    deciding = $8, at = now()
+"""
+CANARIES = f"""
+SELECT * FROM {SCHEMA}.canaries WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard
+"""
+# Whether anyone else is at work: client sessions in any database, other than the runner's own
+# ($1: its application_name), active now or within the last $2 seconds; `hidden` counts the
+# sessions whose state the role may not read.
+OTHERS = """
+SELECT count(*) FILTER (WHERE state <> 'idle' OR state_change > now() - make_interval(secs => $2))
+           AS active,
+       count(*) FILTER (WHERE state IS NULL) AS hidden
+FROM pg_stat_activity
+WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+  AND application_name IS DISTINCT FROM $1
 """
 # Active client sessions on this database other than the runner's own ($1: its
 # application_name); `hidden` counts sessions whose state the role may not read.

@@ -68,7 +68,8 @@ def test_no_import_cycles() -> None:
 def test_only_the_edge_imports_asyncpg() -> None:
     # The loop and its values talk to protocols; asyncpg stays at the edge.
     for name in ("loop", "protocols", "checkpoint", "sizing", "throttle", "job", "errors",
-                 "progress", "observers", "shutdown", "control", "governor", "ratelimit"):
+                 "progress", "observers", "shutdown", "control", "governor", "ratelimit",
+                 "impact", "canary"):
         tree = ast.parse((PACKAGE / f"{name}.py").read_text())
         modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

@@ -11,6 +11,7 @@ from backfill.commands.inspect import Plan, plan, verify
 from backfill.commands.runner import run
 from backfill.commands.state import (
     Controlled,
+    Impact,
     Rate,
     Status,
     init,
@@ -24,6 +25,7 @@ from backfill.commands.state import (
 __all__ = [
     "ADMIN_BUDGET",
     "Controlled",
+    "Impact",
     "Plan",
     "Rate",
     "Status",

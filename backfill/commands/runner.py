@@ -7,11 +7,12 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, TextIO
 
 import anyio
 
-from backfill import governor
+from backfill import canary, governor
 from backfill.checkpoint import FAILED, INTERRUPTED, Checkpoint
 from backfill.errors import BackfillError, Interrupted, RowError
 from backfill.estimate import FirstStart, estimate_progress
@@ -94,6 +95,8 @@ async def run(
     # Gates and live control while no batch runs use a small second connection, opened lazily.
     probe = PgProbe(params, job, shard=shard.index)
     gov = governor.for_job(job, probe)
+    if telemetry is not None:
+        metrics.watch(gov.impact, lambda: gov.live.knobs.throttle.max_impact is not None)
     loop = Loop(
         policy_for(job),
         PgConnector(params, job, identity=identity(), shard=shard),
@@ -116,6 +119,8 @@ async def run(
                 tg.start_soon(estimate_progress, params, job, first, trackers)
             if exporter is not None:
                 tg.start_soon(exporter.push_periodically)
+            # The impact budget's canary (it waits while the job sets no max_impact).
+            tg.start_soon(partial(canary.measure, probe, gov.live, gov.impact, clock=gov.clock))
             with abort:
                 try:
                     outcome = await loop.run()

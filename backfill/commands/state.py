@@ -40,12 +40,26 @@ class Rate:
 
 
 @dataclass(frozen=True, slots=True)
+class Impact:
+    """What a shard's impact budget measured last, as its canary row keeps it."""
+
+    ratio: float | None  # the canary's latency with the run over without (None: not judged)
+    limit: float  # 1 + max_impact
+    duty: float  # the share of the time the runner may spend in batches
+    current_seconds: float | None
+    baseline_seconds: float | None
+    deciding: str | None  # "read" or "write"
+    age_seconds: float  # since that beat, by the database's clock
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     checkpoints: list[Checkpoint]
     history: list[dict[str, Any]]
     rates: dict[tuple[str, int], Rate] = field(default_factory=dict)
     # Live overrides of jobs that have not started yet (`pause`/`set` before the first run).
     pending: dict[str, dict[str, Any]] = field(default_factory=dict)
+    impact: dict[tuple[str, int], Impact] = field(default_factory=dict)
 
 
 async def status(params: ConnectParams, name: str | None = None, *, history: int = 10) -> Status:
@@ -57,8 +71,16 @@ async def status(params: ConnectParams, name: str | None = None, *, history: int
         latest = await guard(conn.fetch(sql.LATEST_RUNS, name))
         now = await guard(conn.fetchval(sql.NOW))
         pending = await guard(conn.fetch(sql.PENDING_CONTROLS, name))
+        canaries = await guard(conn.fetch(sql.CANARIES, name))
     finally:
         await conn.close()
+    impact = {
+        (r["job"], r["shard"]): Impact(
+            r["ratio"], r["budget"], r["duty"], r["current_s"], r["baseline_s"], r["deciding"],
+            (now - r["at"]).total_seconds(),
+        )
+        for r in canaries if r["budget"] is not None
+    }
     checkpoints = [to_checkpoint(r) for r in rows]
     by_shard = {(r["job"], r["shard"]): dict(r) for r in latest}
     rates = {}
@@ -67,7 +89,8 @@ async def status(params: ConnectParams, name: str | None = None, *, history: int
         age = (now - c.updated_at).total_seconds() if c.updated_at is not None else None
         rates[(c.job, c.shard)] = Rate(rate, eta, age)
     return Status(
-        checkpoints, [dict(r) for r in runs], rates, {r["job"]: r["control"] for r in pending}
+        checkpoints, [dict(r) for r in runs], rates, {r["job"]: r["control"] for r in pending},
+        impact,
     )
 
 

@@ -1,0 +1,72 @@
+"""The impact budget's measurements, taken for as long as a run lasts on its probe connection
+and fed to its ``Budget``: the canary (a tiny read and a tiny committed write, 20 times a
+second, 40 during an idle window, also while a batch runs) and whether other sessions are at
+work (every ``ACTIVITY_EVERY`` seconds). While the job sets no ``max_impact`` it only waits for
+one to be set (``backfill set``).
+
+A canary that cannot be taken (the role may not write ``backfill.canaries``, the connection is
+gone) is said once and marks the budget broken: the governor then holds the run or ignores
+the budget, as ``on_check_error`` says. Sessions of other roles that the runner's role may not
+see (no ``pg_monitor``) are said once too, and assumed to be at work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import anyio
+
+from backfill.control import Live
+from backfill.errors import one_line
+from backfill.impact import Beat, Budget
+from backfill.protocols import Probe
+
+log = logging.getLogger(__name__)
+
+ACTIVITY_EVERY = 0.25  # seconds between looks at other sessions ...
+RECENT = 0.25  # ... which see a session at work when it ran a statement since the last look
+
+
+async def measure(
+    probe: Probe, live: Live, budget: Budget, *, clock: Callable[[], float] = time.monotonic
+) -> None:
+    """Run until cancelled."""
+    looked = -RECENT
+    hidden_said = False
+    while True:
+        t = live.knobs.throttle
+        if t.max_impact is None:
+            budget.broken = None
+            await anyio.sleep(t.check_every)
+            continue
+        budget.retune(1.0 + t.max_impact)
+        now = clock()
+        try:
+            read, write = await probe.beat(budget.report())
+            budget.beat(Beat(now, read, write))
+            if now - looked >= ACTIVITY_EVERY:
+                looked = now
+                active, hidden = await probe.others(RECENT)
+                if hidden and not hidden_said:
+                    hidden_said = True
+                    log.warning(
+                        "the impact budget cannot see other roles' sessions (grant the "
+                        "runner's role pg_monitor); it assumes they are at work",
+                        extra={"job": live.job, "hidden": hidden},
+                    )
+                budget.activity(clock(), True if active else None if hidden else False)
+        except Exception as exc:
+            if budget.broken is None:
+                log.warning(
+                    "the impact budget cannot measure",
+                    extra={"job": live.job, "error": one_line(exc),
+                           "on_check_error": t.on_check_error},
+                )
+            budget.broken = one_line(exc)
+        else:
+            if budget.broken is not None:
+                log.info("the impact budget measures again", extra={"job": live.job})
+                budget.broken = None
+        await anyio.sleep(max(0.0, now + budget.beat_every - clock()))

@@ -1,0 +1,233 @@
+"""The impact budget's controller alone, on a simulated database: no I/O, a simulated clock.
+
+The model is a queue: the foreground's latency is ``service / (1 - utilization)``, where the
+utilization is the foreground's own plus the backfill's share of the last 0.3 s (times how much
+of the server a backfill at full speed takes), with log-normal noise. The canary's latency is
+the foreground's. The simulated runner does what the governor does: an idle window when the
+budget asks for one, else a batch, then the pause the budget asks for.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+import pytest
+
+from backfill import impact
+from backfill.impact import Beat, Budget
+
+BATCH = 0.005  # seconds a batch takes
+ACTIVITY_EVERY = 0.25
+
+
+@dataclass
+class World:
+    """The simulated database and runner; ``load(t)`` is the foreground's utilization."""
+
+    budget: Budget
+    load: object = lambda t: 0.5
+    heavy: float = 0.45  # the server share a backfill at full speed takes
+    service: float = 0.001
+    noise: float = 0.25
+    seed: int = 1
+    now: float = 0.0
+    rows: int = 0
+    busy: deque[tuple[float, float]] = field(default_factory=deque)  # batches (start, end)
+    trace: list[tuple[float, float, float, int]] = field(default_factory=list)
+    truth: list[tuple[float, float]] = field(default_factory=list)  # (t, true impact), 10 ms
+    _next_beat: float = 0.0
+    _next_activity: float = 0.0
+    _next_truth: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def foreground(self, t: float) -> float:
+        return float(self.load(t))  # type: ignore[operator]
+
+    def duty_recent(self, t: float) -> float:
+        window = 0.3
+        busy = sum(max(0.0, min(e, t) - max(s, t - window)) for s, e in self.busy)
+        return busy / window
+
+    def latency(self, t: float, *, noisy: bool = True) -> float:
+        u = min(0.95, self.foreground(t) + self.heavy * self.duty_recent(t))
+        value = self.service / (1 - u)
+        return value * (math.exp(self.rng.gauss(0, self.noise)) if noisy else 1.0)
+
+    def ratio(self, t: float) -> float:
+        """The true impact now: latency over what it would be with the runner idle."""
+        return self.latency(t, noisy=False) / (self.service / (1 - self.foreground(t)))
+
+    def advance(self, seconds: float) -> None:
+        end = self.now + seconds
+        while True:
+            nxt = min(self._next_beat, self._next_activity, self._next_truth)
+            if nxt > end:
+                break
+            self.now = nxt
+            if nxt == self._next_truth:
+                self.truth.append((nxt, self.ratio(nxt)))
+                self._next_truth += 0.01
+            elif nxt == self._next_beat:
+                self.budget.beat(Beat(nxt, self.latency(nxt), self.latency(nxt) * 2))
+                self._next_beat += self.budget.beat_every
+            else:
+                self.budget.activity(nxt, self.foreground(nxt) > 0)
+                self._next_activity += ACTIVITY_EVERY
+        self.now = end
+        while self.busy and self.busy[0][1] < self.now - 1:
+            self.busy.popleft()
+
+    def run(self, until: float) -> None:
+        while self.now < until:
+            hold = self.budget.hold(self.now)
+            if hold is not None:
+                self.advance(min(hold, 0.25))
+                continue
+            start = self.now
+            self.busy.append((start, start + BATCH))
+            self.advance(BATCH)
+            self.rows += 1000
+            self.budget.worked(self.now, BATCH)
+            pause = self.budget.pause(self.now, BATCH)
+            self.trace.append((self.now, self.budget.duty, self.ratio(self.now), self.rows))
+            if pause:
+                self.advance(pause)
+
+    def between(self, t0: float, t1: float) -> list[tuple[float, float, float, int]]:
+        return [x for x in self.trace if t0 <= x[0] < t1]
+
+    def mean_ratio(self, t0: float, t1: float) -> float:
+        """The true impact averaged over time (sampled every 10 ms)."""
+        values = [r for t, r in self.truth if t0 <= t < t1]
+        return sum(values) / len(values)
+
+    def rate(self, t0: float, t1: float) -> float:
+        points = self.between(t0, t1)
+        return (points[-1][3] - points[0][3]) / (points[-1][0] - points[0][0]) if points else 0.0
+
+
+def best_duty(world: World, limit: float, t: float) -> float:
+    """The duty at which the model's impact is exactly the limit (a steady state)."""
+    u = world.foreground(t)
+    return min(1.0, max(0.0, (1 - u - (1 - u) / limit) / world.heavy))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_converges_within_the_budget_under_steady_load(seed: int) -> None:
+    world = World(Budget(limit=1.2), seed=seed)
+    world.run(40)
+    best = best_duty(world, 1.2, 20)
+    late = world.between(20, 40)
+    mean_duty = sum(d for _, d, _, _ in late) / len(late)
+    # Close to the fastest pace the budget allows, not far below it, and within budget.
+    assert 0.6 * best <= mean_duty <= 1.2 * best, (mean_duty, best)
+    assert world.mean_ratio(20, 40) <= 1.2 * 1.05
+    # Idle windows cost at most ~10% of the time.
+    assert world.rate(20, 40) >= 0.5 * best * 1000 / BATCH
+
+
+def test_full_speed_when_nobody_else_is_there() -> None:
+    world = World(Budget(limit=1.2), load=lambda t: 0.0)
+    world.run(10)
+    assert world.rate(1, 10) >= 0.95 * 1000 / BATCH
+    assert world.budget.idle and not world.budget.limiting
+
+
+def test_backs_off_within_seconds_of_a_load_step_and_recovers_after() -> None:
+    world = World(Budget(limit=1.2), load=lambda t: 0.5 if 10 <= t < 25 else 0.0)
+    world.run(35)
+    full = 1000 / BATCH
+    assert world.rate(1, 10) >= 0.95 * full  # off: full speed
+    assert world.mean_ratio(13, 25) <= 1.3  # on: back within budget in < 3 s
+    assert max(r for _, _, r, _ in world.between(13, 25)) < 2.0
+    assert world.rate(27, 35) >= 0.95 * full  # off again: full speed within 2 s
+    # During the load it still made progress: never starved.
+    assert world.rate(13, 25) > 0
+
+
+def test_never_starves_under_saturation_and_says_so() -> None:
+    # The foreground alone takes 90% of the server: any work shows; the runner crawls.
+    world = World(Budget(limit=1.2), load=lambda t: 0.9)
+    world.run(30)
+    assert world.budget.limiting
+    assert world.budget.duty <= 5 * impact.FLOOR
+    for t in range(5, 30, 5):  # but it crawls on
+        assert world.rate(t - 5, t) > 0
+
+
+def test_a_cut_is_bounded_and_the_bad_pace_remembered() -> None:
+    b = Budget(limit=1.2, others=True)
+    base = [Beat(0.2 + 0.05 * i, 0.001, 0.002) for i in range(16)]
+    for beat in base:
+        b.beat(beat)
+    b.measuring = (0.0, 1.0)
+    assert b.hold(1.0) is None  # the window ends: baseline in, duty starts low
+    assert b.duty == impact.START
+    b.duty = 0.8
+    for i in range(30):  # ten times the baseline: way over budget
+        b.beat(Beat(1.2 + 0.05 * i, 0.010, 0.002))
+    b._changed = 1.0
+    b._decided = -1.0
+    b.pause(2.7, BATCH)
+    assert b.duty == pytest.approx(0.4)  # halved, not more
+    assert b._bad == 0.8
+    assert b.verdict is not None and b.verdict.deciding == "read"
+    assert b.verdict.ratio == pytest.approx(10)
+
+
+def test_grows_only_when_the_allowance_was_used() -> None:
+    b = Budget(limit=1.2, others=True)
+    for i in range(16):
+        b.beat(Beat(0.2 + 0.05 * i, 0.001, 0.002))
+    b.measuring = (0.0, 1.0)
+    b.hold(1.0)
+    for i in range(30):
+        b.beat(Beat(1.2 + 0.05 * i, 0.001, 0.002))  # no impact at all
+    b._decided = -1.0
+    b.pause(2.7, BATCH)  # but the runner did not work (held back by something else)
+    assert b.duty == impact.START
+    for i in range(40):
+        b.worked(1.0 + 0.04 * i, 0.04)  # now it works all the time
+    b._decided = -1.0
+    b.pause(2.7, BATCH)
+    assert b.duty == pytest.approx(2 * impact.START)  # doubled: far below the budget
+
+
+def test_a_new_load_gets_a_fresh_baseline_at_once() -> None:
+    b = Budget(limit=1.2)
+    b.activity(0.0, False)
+    assert b.hold(0.0) is None and b.runway(0.0) > 0  # idle: grouped, full speed
+    for t in (5.0, 5.25, 5.5):
+        b.activity(t, True)
+    assert b.hold(5.5) == pytest.approx(impact.FIRST_WINDOW)  # measure the new load first
+    assert b.runway(5.6) == 0.0
+    for t in (6.0 + i * 0.25 for i in range(impact.LOOKS)):
+        b.activity(t, False)
+    assert b.idle and b.hold(8.0) is None  # gone again: full speed at once
+
+
+def test_a_query_now_and_then_is_not_a_load() -> None:
+    """A monitoring poll every few seconds leaves the runner at full speed."""
+    b = Budget(limit=1.2)
+    for i in range(80):  # 20 s of looks, one of every 12 sees a statement
+        b.activity(i * 0.25, i % 12 == 5)
+        assert b.idle, i
+
+
+def test_unknown_others_count_as_there() -> None:
+    b = Budget(limit=1.2)
+    b.activity(0.0, False)
+    b.activity(0.25, None)
+    assert b.others is None and not b.idle
+
+
+def test_a_live_retune_forgets_what_was_learnt() -> None:
+    b = Budget(limit=1.2, others=True)
+    b._bad, b._good = 0.5, 0.3
+    b.retune(1.1)
+    assert (b.limit, b._bad, b._good) == (1.1, None, None)
