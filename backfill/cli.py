@@ -38,6 +38,7 @@ T = TypeVar("T")
 JobPath = Annotated[Path, typer.Argument(help="Job file (TOML).", show_default=False)]
 Name = Annotated[str, typer.Argument(help="Job name.", show_default=False)]
 METRICS_PORT = 9477  # settings.DEFAULT_METRICS_PORT, without importing pydantic for --help
+WATCH_SECONDS = 2.0  # `status --watch` without SECONDS
 
 
 def _fail(error: BackfillError) -> typer.Exit:
@@ -111,14 +112,15 @@ def init() -> None:
 def plan(path: JobPath) -> None:
     """Validate, connect, and show the batch SQL, EXPLAIN of one batch, rows and duration."""
     from backfill import commands
+    from backfill.checkpoint import show_key
     from backfill.progress import human_seconds
 
     job, params = _job(path), _params_or_exit()
     p = _run(lambda: commands.plan(job, params))
     typer.echo(f"job       {p.job}\ntable     {p.table}\nkey       {p.key}")
-    typer.echo(f"range     {_key(p.range_lo)} .. {_key(p.range_hi)}")
+    typer.echo(f"range     {show_key(p.range_lo)} .. {show_key(p.range_hi)}")
     if p.cursor is not None:
-        typer.echo(f"resumes   after {_key(p.cursor)}")
+        typer.echo(f"resumes   after {show_key(p.cursor)}")
     typer.echo(
         f"rows      ~{p.rows_in_table:,} in table, "
         f"~{p.rows_matching:,} matching where (planner estimates)"
@@ -185,57 +187,39 @@ def run(
 def status(
     name: Annotated[str | None, typer.Argument(help="Job name (default: every job).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    watch: Annotated[
+        float | None,
+        typer.Option(
+            "--watch", metavar="[SECONDS]", min=0.1, show_default=False,
+            help=f"Redraw every SECONDS (default {WATCH_SECONDS:g}) until Ctrl-C.",
+        ),
+    ] = None,
 ) -> None:
-    """Every job's checkpoint: state, cursor, rows, batches, progress; with NAME, its runs."""
-    from backfill import commands
+    """Every job's checkpoint: state, progress, rows, rate, ETA; with NAME, its runs."""
+    if as_json and watch is not None:
+        typer.echo("backfill: error: --json and --watch do not go together", err=True)
+        raise typer.Exit(int(ExitCode.USAGE))
+    from backfill import statusview
 
     params = _params_or_exit()
-    st = _run(lambda: commands.status(params, name))
-    if name is not None and not st.checkpoints and name not in st.pending:
-        raise _fail(ConfigError(f"no checkpoint for job {name}"))
-    entries = [
-        _status_entry(c) | _rate_entry(st.rates.get((c.job, c.shard))) for c in st.checkpoints
-    ]
-    if as_json:
-        runs = [{k: _plain(v) for k, v in r.items()} for r in st.history]
-        totals = _totals(entries)
-        typer.echo(json.dumps(
-            {"jobs": entries, "totals": totals, "runs": runs, "pending": st.pending}, indent=2
-        ))
+    if watch is not None:
+        try:
+            _run(lambda: statusview.watch(params, name, every=watch, out=_console()))
+        except KeyboardInterrupt:
+            raise typer.Exit(0) from None
         return
-    for e in entries:
-        pct = "?" if e["progress"] is None else f"{100 * e['progress']:.1f}%"
-        typer.echo(
-            f"{e['job']}[{e['shard']}]  {e['state']:<11} {pct:>6}  rows {e['rows_updated']:,}  "
-            f"batches {e['batches']:,}  cursor {_key(e['cursor'])}  updated {e['updated_at']}"
-            + _pace(e)
-        )
-        if e["rows_skipped"]:
-            typer.echo(f"  skipped {e['rows_skipped']}: " + ", ".join(map(_key, e["skipped_keys"])))
-        if e["error"]:
-            typer.echo(f"  last error: {e['error']}")
-        if name is not None or e["control"]:
-            for line in _live_lines(e["job"], e["settings"], e["control"], every=name is not None):
-                typer.echo(line)
-    for job_name, overrides in st.pending.items():
-        typer.echo(f"{job_name}  not started yet; its first run starts with:")
-        for line in _live_lines(job_name, {}, overrides, every=False):
-            typer.echo(line)
-    for job_name, t in _totals(entries).items():
-        if t["shards"] > 1:
-            typer.echo(
-                f"{job_name}  total: {t['succeeded']}/{t['shards']} shards succeeded  "
-                f"rows {t['rows_updated']:,}  batches {t['batches']:,}"
-            )
-    for r in st.history:
-        typer.echo(
-            f"  run {r['id']}: {r['outcome']:<11} {r['started_at']:%Y-%m-%d %H:%M:%S} .. "
-            f"{r['ended_at'] or '':%Y-%m-%d %H:%M:%S}  rows {r['rows_updated'] or 0:,}  "
-            f"batches {r['batches'] or 0:,}  {r['host']}  v{r['version']}  {r['fingerprint']}"
-            if r["ended_at"]
-            else f"  run {r['id']}: {r['outcome']:<11} {r['started_at']:%Y-%m-%d %H:%M:%S} ..  "
-            f"{r['host']}  v{r['version']}"
-        )
+    st = _run(lambda: statusview.fetch(params, name))
+    if as_json:
+        typer.echo(json.dumps(statusview.document(st), indent=2))
+    else:
+        _console().print(statusview.view(st, name))
+
+
+def _console() -> Any:
+    """rich's console on stdout; off a terminal, wide enough that no table wraps."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=10_000)
 
 
 @app.command()
@@ -313,7 +297,9 @@ def _said(result: commands.Controlled, what: str) -> None:
         where = "its runner picks this up within one batch (or check_every while waiting)"
     else:
         where = "no runner holds it now; its next run starts with these"
-    shown = ", ".join(f"{k}={_setting(v)}" for k, v in result.control.items()) or "none"
+    from backfill import control
+
+    shown = ", ".join(f"{k}={control.show(v)}" for k, v in result.control.items()) or "none"
     typer.echo(f"{what}: {where}\nlive overrides: {shown}")
 
 
@@ -351,92 +337,38 @@ def _params_or_exit() -> ConnectParams:
         raise _fail(error) from None
 
 
-def _key(key: Any) -> str:
-    if key is None:
-        return "-"
-    return key[0] if len(key) == 1 else "(" + ", ".join(key) + ")"
 
 
-def _plain(value: Any) -> Any:
-    return value.isoformat() if hasattr(value, "isoformat") else value
 
 
-def _live_lines(
-    job: str, settings: dict[str, Any], overrides: dict[str, Any], *, every: bool
-) -> list[str]:
-    """Live control for ``status``: a pause, and each setting's job-file and live value (all
-    live settings with ``every``, else only the overridden ones)."""
-    from backfill import control
-
-    lines = [f"  paused by an operator: `backfill resume {job}` to go on"] if overrides.get(
-        control.PAUSED
-    ) else []
-    for key in control.LIVE_KEYS:
-        if key in overrides:
-            was = _setting(settings.get(key, "?"))
-            lines.append(f"  {key:<30} {_setting(overrides[key])}  (live; job file: {was})")
-        elif every and key in settings:
-            lines.append(f"  {key:<30} {_setting(settings[key])}")
-    return lines
 
 
-def _setting(value: Any) -> str:
-    return "off" if value is None else str(value)
 
 
-def _status_entry(c: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from backfill.progress import fraction
-
-    entry = {k: _plain(v) for k, v in asdict(c).items()}
-    done = c.state == "succeeded"
-    entry["progress"] = 1.0 if done else fraction(c.range_lo, c.range_hi, c.cursor)
-    return entry
 
 
-def _rate_entry(rate: commands.Rate | None) -> dict[str, Any]:
-    if rate is None:
-        return {"rows_per_second": None, "eta_seconds": None, "last_commit_age_seconds": None}
-    return {
-        "rows_per_second": None if rate.rows_per_second is None else round(rate.rows_per_second, 1),
-        "eta_seconds": None if rate.eta_seconds is None else round(rate.eta_seconds),
-        "last_commit_age_seconds": rate.last_commit_age_seconds,
-    }
 
 
-def _pace(e: dict[str, Any]) -> str:
-    """``  1,234 rows/s  ETA 5m20s`` from the run history, when known."""
-    from backfill.progress import human_seconds
-
-    out = ""
-    if e["rows_per_second"] is not None:
-        out += f"  {e['rows_per_second']:,.0f} rows/s"
-    if e["eta_seconds"] is not None:
-        ago = e["last_commit_age_seconds"]
-        out += f"  ETA {human_seconds(e['eta_seconds'])}" + (
-            f" (as of {human_seconds(ago)} ago)" if ago is not None and ago >= 60 else ""
-        )
-    return out
 
 
-def _totals(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each job's sum over its shards."""
-    totals: dict[str, dict[str, Any]] = {}
-    for e in entries:
-        t = totals.setdefault(
-            e["job"], {"shards": 0, "succeeded": 0, "rows_updated": 0, "rows_skipped": 0,
-                       "batches": 0}
-        )
-        t["shards"] += 1
-        t["succeeded"] += e["state"] == "succeeded"
-        for k in ("rows_updated", "rows_skipped", "batches"):
-            t[k] += e[k]
-    return totals
+
+
+def _watch_seconds(argv: list[str]) -> list[str]:
+    """``status --watch`` takes an optional SECONDS (click options cannot): without a number
+    after it, the default is put there."""
+    if "status" not in argv or "--watch" not in argv:
+        return argv
+    i = argv.index("--watch")
+    following = argv[i + 1] if i + 1 < len(argv) else ""
+    try:
+        float(following)
+    except ValueError:
+        return [*argv[: i + 1], f"{WATCH_SECONDS:g}", *argv[i + 1 :]]
+    return argv
 
 
 def main() -> None:
     try:
-        app()
+        app(args=_watch_seconds(sys.argv[1:]))
     except KeyboardInterrupt:
         sys.exit(int(ExitCode.TEMPFAIL))

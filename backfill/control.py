@@ -234,6 +234,11 @@ def merge(
     return new
 
 
+def show(value: Any) -> str:
+    """A setting's value as ``status`` and ``set`` print it (``off`` for a limit switched off)."""
+    return "off" if value is None else str(value)
+
+
 def overridden(
     settings: Mapping[str, Any], control: Mapping[str, Any]
 ) -> list[tuple[str, Any, Any]]:

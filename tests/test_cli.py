@@ -49,7 +49,11 @@ async def test_run_status_verify_reset(db: Database, tmp_path: Path) -> None:
     assert entry["cursor"] == ["500"]
     assert [r["outcome"] for r in data["runs"]] == ["succeeded"]
     text = cli("status", env=env)
-    assert "users-display-name[0]  succeeded" in text.stdout
+    header, rule, row = text.stdout.splitlines()[:3]
+    assert header.split() == ["JOB", "SHARD", "STATE", "DONE", "ROWS", "BATCHES", "RATE", "ETA",
+                              "CURSOR", "UPDATED"]
+    assert set(rule.strip()) <= {"─", " "}
+    assert row.split()[:6] == ["users-display-name", "-", "succeeded", "100.0%", "500", "5"]
 
     refused = cli("reset", "users-display-name", env=env)
     assert refused.returncode == 2
