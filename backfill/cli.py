@@ -305,14 +305,30 @@ def _said(result: commands.Controlled, what: str) -> None:
 
 @app.command()
 def demo(
-    rows: Annotated[int, typer.Option(help="Rows to seed.")] = 1_000_000,
-    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 5000,
+    rows: Annotated[int, typer.Option(min=1, help="Rows to seed.")] = 1_000_000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Keys per batch.")] = 5000,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            "--keep", help="Keep the server afterwards, with a second job to try every verb "
+            "on, until Ctrl-C.",
+        ),
+    ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, show_default=False,
+            help=f"Serve the run's metrics on 127.0.0.1 at this port; 0: don't (default: "
+            f"$BACKFILL_METRICS_PORT, else {METRICS_PORT}, or a free port if that is taken).",
+        ),
+    ] = None,
 ) -> None:
     """Start a throwaway PostgreSQL, seed a table, and run a backfill with live progress."""
     from backfill import demo as demo_module
 
     try:
-        demo_module.main(rows=rows, batch_size=batch_size)
+        telemetry = _telemetry(metrics_port=metrics_port, log_every=None)
+        demo_module.main(rows=rows, batch_size=batch_size, keep=keep, telemetry=telemetry)
     except BackfillError as error:
         raise _fail(error) from None
 
