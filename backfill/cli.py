@@ -333,6 +333,46 @@ def demo(
         raise _fail(error) from None
 
 
+@app.command()
+def manifest(
+    path: JobPath,
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory of the overlay (created if missing).",
+                           show_default=False)
+    ],
+    image: Annotated[
+        str | None,
+        typer.Option(help="The runner image, with a tag or digest (default: the base's "
+                     "registry.example.com/backfill:<version>).", show_default=False),
+    ] = None,
+    shards: Annotated[
+        int, typer.Option(min=1, help="Run N shards as an Indexed Job (one pod per shard).")
+    ] = 1,
+    base: Annotated[
+        Path | None,
+        typer.Option(help="The runner Job's kustomize base (default: k8s/base of this clone).",
+                     show_default=False),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a kustomization.yaml not written by this.")
+    ] = False,
+) -> None:
+    """Write a kustomize overlay running JOBFILE as a Kubernetes Job: kubectl apply -k DIR."""
+    from backfill import manifest as manifests
+
+    try:
+        made = manifests.overlay(
+            str(path), str(out), image=image, shards=shards,
+            base=None if base is None else str(base),
+        )
+        made.write(force=force)
+    except BackfillError as error:
+        raise _fail(error) from None
+    for name in made.files:
+        typer.echo(f"wrote {out / name}")
+    typer.echo(f"apply it with: kubectl apply -k {out}")
+
+
 def _telemetry(*, metrics_port: int | None, log_every: float | None) -> Telemetry:
     from pydantic import ValidationError
 
