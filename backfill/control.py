@@ -198,8 +198,10 @@ def _check_value(key: str, text: str) -> None:
     """``text`` as the job file's field ``key`` would take it, without the other fields."""
     section, name = key.split(".")
     field_info = SECTIONS[section].model_fields[name]
+    # The field's type and constraints, built at run time (hence not a type form for mypy).
+    field_type: Any = Annotated[field_info.annotation, field_info]
     try:
-        TypeAdapter(Annotated[field_info.annotation, field_info]).validate_python(text)
+        TypeAdapter(field_type).validate_python(text)
     except ValidationError as exc:
         message = exc.errors()[0]["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{key}: {message}") from exc
