@@ -100,7 +100,9 @@ def _main(
 
 @app.command()
 def init() -> None:
-    """Create the runner's state schema (needs CREATE; run once, e.g. by an admin)."""
+    """Create the state schema (needs CREATE: once, by an admin).
+
+    Idempotent; run it again after an upgrade."""
     from backfill import commands
 
     params = _params_or_exit()
@@ -110,7 +112,9 @@ def init() -> None:
 
 @app.command()
 def plan(path: JobPath) -> None:
-    """Validate, connect, and show the batch SQL, EXPLAIN of one batch, rows and duration."""
+    """Show the batch SQL, EXPLAIN of one batch, rows and duration.
+
+    Validates the job file, connects, and runs one batch under EXPLAIN ANALYZE, rolled back."""
     from backfill import commands
     from backfill.checkpoint import show_key
     from backfill.progress import human_seconds
@@ -163,7 +167,9 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Run (or resume) a job. Ctrl-C or SIGTERM stops after the batch in flight."""
+    """Run (or resume) a job.
+
+    Ctrl-C or SIGTERM stops after the batch in flight; run again to resume."""
     from backfill import commands
     from backfill.ranges import Shard
 
@@ -195,7 +201,9 @@ def status(
         ),
     ] = None,
 ) -> None:
-    """Every job's checkpoint: state, progress, rows, rate, ETA; with NAME, its runs."""
+    """Every job's state, progress, rows, rate and ETA, as a table.
+
+    With NAME, that job's live settings and runs too."""
     if as_json and watch is not None:
         typer.echo("backfill: error: --json and --watch do not go together", err=True)
         raise typer.Exit(int(ExitCode.USAGE))
@@ -224,7 +232,9 @@ def _console() -> Any:
 
 @app.command()
 def verify(path: JobPath) -> None:
-    """Count rows in the job's range that still match `where`; exit 0 only if none."""
+    """Count the rows in range that still match `where` (0: done).
+
+    Exits 0 only if none is left."""
     from backfill import commands
 
     job, params = _job(path), _params_or_exit()
@@ -252,7 +262,9 @@ def reset(
 
 @app.command()
 def pause(name: Name) -> None:
-    """Pause a job: its runner stops before the next batch and waits, across restarts too."""
+    """Hold a job before its next batch (running or not).
+
+    Its runner waits, across restarts too, until `backfill resume`."""
     from backfill import commands
 
     params = _params_or_exit()
@@ -283,7 +295,7 @@ def set_(
         ),
     ],
 ) -> None:
-    """Change live settings of a job, running or not, without a restart."""
+    """Change a job's live settings, running or not."""
     from backfill import commands
 
     params = _params_or_exit()
@@ -323,7 +335,10 @@ def demo(
         ),
     ] = None,
 ) -> None:
-    """Start a throwaway PostgreSQL, seed a table, and run a backfill with live progress."""
+    """A real backfill on a throwaway PostgreSQL, to watch and explore.
+
+    Seeds a table, runs a job with live progress and its metrics served, verifies it; with
+    --keep the server stays up (with a second job to try) until Ctrl-C removes it."""
     from backfill import demo as demo_module
 
     try:
@@ -357,7 +372,9 @@ def manifest(
         bool, typer.Option("--force", help="Replace a kustomization.yaml not written by this.")
     ] = False,
 ) -> None:
-    """Write a kustomize overlay running JOBFILE as a Kubernetes Job: kubectl apply -k DIR."""
+    """Write a kustomize overlay that runs JOBFILE as a Kubernetes Job.
+
+    Then: kubectl apply -k DIR."""
     from backfill import manifest as manifests
 
     try:
