@@ -155,10 +155,13 @@ def details(e: dict[str, Any], *, every: bool) -> list[str]:
 
 def pace(e: dict[str, Any]) -> tuple[str, str]:
     """``("1,234/s", "5m20s")`` from the run history; ETA ``5m20s?`` when the last commit is
-    over a minute old (is the runner alive?); blank when unknown."""
+    over a minute old (is the runner alive?), ``?`` while paused by an operator (when it goes
+    on is theirs to say); blank when unknown."""
     rate = "" if e["rows_per_second"] is None else f"{e['rows_per_second']:,.0f}/s"
     eta = ""
-    if e["eta_seconds"] is not None:
+    if e["eta_seconds"] is not None and e.get("state") == PAUSED:
+        eta = "?"
+    elif e["eta_seconds"] is not None:
         age = e["last_commit_age_seconds"]
         eta = human_seconds(e["eta_seconds"]) + ("?" if age is not None and age >= STALE else "")
     return rate, eta

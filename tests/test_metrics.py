@@ -365,5 +365,6 @@ def test_status_shows_pace() -> None:
     assert pace(entry) == ("1,234/s", "5m20s")
     stale = entry | {"last_commit_age_seconds": 720.0}
     assert pace(stale) == ("1,234/s", "5m20s?")
+    assert pace(entry | {"state": "paused"}) == ("1,234/s", "?")
     unknown = {"rows_per_second": None, "eta_seconds": None, "last_commit_age_seconds": None}
     assert pace(unknown) == ("", "")
