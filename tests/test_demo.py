@@ -69,8 +69,13 @@ class Demo:
         raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(self.seen[-20:]))
 
     def close(self) -> None:
+        """Ctrl-C first, so that a failed test leaves no server behind; SIGKILL if need be."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(timeout=30)
         assert self.proc.stderr is not None
         self.proc.stderr.close()
