@@ -24,7 +24,7 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN pip --python /opt/backfill/bin/python install --only-binary=:all: --require-hashes \
         --no-deps -r requirements.lock
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY backfill/ backfill/
 # The package itself, without touching the locked dependencies.
 RUN pip --python /opt/backfill/bin/python install --no-deps .

@@ -13,6 +13,13 @@ from typing import Any
 
 Key = tuple[str, ...]
 
+
+def show_key(key: Key | None) -> str:
+    """A key as messages and ``status`` print it: ``42``, ``(7, 3)``, ``-`` for none."""
+    if key is None:
+        return "-"
+    return key[0] if len(key) == 1 else "(" + ", ".join(key) + ")"
+
 RUNNING = "running"
 THROTTLED = "throttled"
 PAUSED = "paused"

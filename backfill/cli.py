@@ -1,5 +1,10 @@
 """The command line: typer parses, ``anyio.run`` runs the matching function in
-``backfill.commands``, and ``BackfillError`` becomes its exit code and a one-line message."""
+``backfill.commands``, and ``BackfillError`` becomes its exit code and a one-line message.
+
+Start-up is part of the interface (``backfill --help`` in well under 0.2 s, and a run's first
+batch soon after the process starts): this module imports only typer and the standard library,
+and each command imports what it needs (pydantic, asyncpg, prometheus-client) when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +12,33 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import anyio
 import typer
-from pydantic import ValidationError
 
-from backfill import commands, control, logs
+from backfill import __version__
 from backfill.errors import BackfillError, ConfigError, ExitCode
-from backfill.job import Job, load_job
-from backfill.progress import fraction, human_seconds
-from backfill.ranges import Shard
-from backfill.settings import (
-    DEFAULT_METRICS_PORT,
-    ConnectParams,
-    DatabaseSettings,
-    Telemetry,
-    TelemetrySettings,
-)
+
+if TYPE_CHECKING:
+    from backfill import commands
+    from backfill.job import Job
+    from backfill.settings import ConnectParams, Telemetry
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Batched, resumable, gentle backfills for PostgreSQL.",
+    # Plain help: formatting it with rich imports ~0.1 s of modules, half of the start-up budget.
+    rich_markup_mode=None,
 )
 log = logging.getLogger("backfill.cli")
 T = TypeVar("T")
 
 JobPath = Annotated[Path, typer.Argument(help="Job file (TOML).", show_default=False)]
 Name = Annotated[str, typer.Argument(help="Job name.", show_default=False)]
+METRICS_PORT = 9477  # settings.DEFAULT_METRICS_PORT, without importing pydantic for --help
+WATCH_SECONDS = 2.0  # `status --watch` without SECONDS
 
 
 def _fail(error: BackfillError) -> typer.Exit:
@@ -46,6 +47,10 @@ def _fail(error: BackfillError) -> typer.Exit:
 
 
 def _params() -> ConnectParams:
+    from pydantic import ValidationError
+
+    from backfill.settings import DatabaseSettings
+
     try:
         return DatabaseSettings().params()
     except ValidationError as exc:
@@ -54,6 +59,8 @@ def _params() -> ConnectParams:
 
 
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    import anyio
+
     try:
         return anyio.run(fn, backend="asyncio")
     except BackfillError as error:
@@ -61,22 +68,43 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
 
 
 def _job(path: Path) -> Job:
+    from backfill.job import load_job
+
     try:
         return load_job(path)
     except BackfillError as error:
         raise _fail(error) from None
 
 
+def _version(show: bool) -> None:
+    if show:
+        typer.echo(f"backfill {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True,
+            help="Print the version (the one each run records in its history) and exit.",
+        ),
+    ] = False,
 ) -> None:
+    from backfill import logs
+
     logs.setup(level=log_level)
 
 
 @app.command()
 def init() -> None:
-    """Create the runner's state schema (needs CREATE; run once, e.g. by an admin)."""
+    """Create the state schema (needs CREATE: once, by an admin).
+
+    Idempotent; run it again after an upgrade."""
+    from backfill import commands
+
     params = _params_or_exit()
     _run(lambda: commands.init(params))
     typer.echo("state schema 'backfill' is ready")
@@ -84,13 +112,19 @@ def init() -> None:
 
 @app.command()
 def plan(path: JobPath) -> None:
-    """Validate, connect, and show the batch SQL, EXPLAIN of one batch, rows and duration."""
+    """Show the batch SQL, EXPLAIN of one batch, rows and duration.
+
+    Validates the job file, connects, and runs one batch under EXPLAIN ANALYZE, rolled back."""
+    from backfill import commands
+    from backfill.checkpoint import show_key
+    from backfill.progress import human_seconds
+
     job, params = _job(path), _params_or_exit()
     p = _run(lambda: commands.plan(job, params))
     typer.echo(f"job       {p.job}\ntable     {p.table}\nkey       {p.key}")
-    typer.echo(f"range     {_key(p.range_lo)} .. {_key(p.range_hi)}")
+    typer.echo(f"range     {show_key(p.range_lo)} .. {show_key(p.range_hi)}")
     if p.cursor is not None:
-        typer.echo(f"resumes   after {_key(p.cursor)}")
+        typer.echo(f"resumes   after {show_key(p.cursor)}")
     typer.echo(
         f"rows      ~{p.rows_in_table:,} in table, "
         f"~{p.rows_matching:,} matching where (planner estimates)"
@@ -121,7 +155,7 @@ def run(
         typer.Option(
             min=0, max=65535, show_default=False,
             help=f"Serve Prometheus metrics and /healthz on this port during the run; 0: don't "
-            f"(default: $BACKFILL_METRICS_PORT, else {DEFAULT_METRICS_PORT}).",
+            f"(default: $BACKFILL_METRICS_PORT, else {METRICS_PORT}).",
         ),
     ] = None,
     progress_every: Annotated[
@@ -133,7 +167,12 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Run (or resume) a job. Ctrl-C or SIGTERM stops after the batch in flight."""
+    """Run (or resume) a job.
+
+    Ctrl-C or SIGTERM stops after the batch in flight; run again to resume."""
+    from backfill import commands
+    from backfill.ranges import Shard
+
     job, params = _job(path), _params_or_exit()
     try:
         part = Shard.parse(shard) if shard is not None else Shard()
@@ -154,64 +193,50 @@ def run(
 def status(
     name: Annotated[str | None, typer.Argument(help="Job name (default: every job).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    watch: Annotated[
+        float | None,
+        typer.Option(
+            "--watch", metavar="[SECONDS]", min=0.1, show_default=False,
+            help=f"Redraw every SECONDS (default {WATCH_SECONDS:g}) until Ctrl-C.",
+        ),
+    ] = None,
 ) -> None:
-    """Every job's checkpoint: state, cursor, rows, batches, progress; with NAME, its runs."""
+    """Every job's state, progress, rows, rate and ETA, as a table.
+
+    With NAME, that job's live settings and runs too."""
+    if as_json and watch is not None:
+        typer.echo("backfill: error: --json and --watch do not go together", err=True)
+        raise typer.Exit(int(ExitCode.USAGE))
+    from backfill import statusview
+
     params = _params_or_exit()
-    st = _run(lambda: commands.status(params, name))
-    if name is not None and not st.checkpoints and name not in st.pending:
-        raise _fail(ConfigError(f"no checkpoint for job {name}"))
-    entries = [
-        _status_entry(c) | _rate_entry(st.rates.get((c.job, c.shard))) for c in st.checkpoints
-    ]
-    if as_json:
-        runs = [{k: _plain(v) for k, v in r.items()} for r in st.history]
-        totals = _totals(entries)
-        typer.echo(json.dumps(
-            {"jobs": entries, "totals": totals, "runs": runs, "pending": st.pending}, indent=2
-        ))
+    if watch is not None:
+        try:
+            _run(lambda: statusview.watch(params, name, every=watch, out=_console()))
+        except KeyboardInterrupt:
+            raise typer.Exit(0) from None
         return
-    for e in entries:
-        pct = "?" if e["progress"] is None else f"{100 * e['progress']:.1f}%"
-        typer.echo(
-            f"{e['job']}[{e['shard']}]  {e['state']:<11} {pct:>6}  rows {e['rows_updated']:,}  "
-            f"batches {e['batches']:,}  cursor {_key(e['cursor'])}  updated {e['updated_at']}"
-            + _pace(e)
-        )
-        if (impact := st.impact.get((e["job"], e["shard"]))) is not None and (
-            e["state"] in ("running", "throttled") or name is not None
-        ):
-            typer.echo("  " + _impact(impact))
-        if e["rows_skipped"]:
-            typer.echo(f"  skipped {e['rows_skipped']}: " + ", ".join(map(_key, e["skipped_keys"])))
-        if e["error"]:
-            typer.echo(f"  last error: {e['error']}")
-        if name is not None or e["control"]:
-            for line in _live_lines(e["job"], e["settings"], e["control"], every=name is not None):
-                typer.echo(line)
-    for job_name, overrides in st.pending.items():
-        typer.echo(f"{job_name}  not started yet; its first run starts with:")
-        for line in _live_lines(job_name, {}, overrides, every=False):
-            typer.echo(line)
-    for job_name, t in _totals(entries).items():
-        if t["shards"] > 1:
-            typer.echo(
-                f"{job_name}  total: {t['succeeded']}/{t['shards']} shards succeeded  "
-                f"rows {t['rows_updated']:,}  batches {t['batches']:,}"
-            )
-    for r in st.history:
-        typer.echo(
-            f"  run {r['id']}: {r['outcome']:<11} {r['started_at']:%Y-%m-%d %H:%M:%S} .. "
-            f"{r['ended_at'] or '':%Y-%m-%d %H:%M:%S}  rows {r['rows_updated'] or 0:,}  "
-            f"batches {r['batches'] or 0:,}  {r['host']}  v{r['version']}  {r['fingerprint']}"
-            if r["ended_at"]
-            else f"  run {r['id']}: {r['outcome']:<11} {r['started_at']:%Y-%m-%d %H:%M:%S} ..  "
-            f"{r['host']}  v{r['version']}"
-        )
+    st = _run(lambda: statusview.fetch(params, name))
+    if as_json:
+        typer.echo(json.dumps(statusview.document(st), indent=2))
+    else:
+        _console().print(statusview.view(st, name))
+
+
+def _console() -> Any:
+    """rich's console on stdout; off a terminal, wide enough that no table wraps."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=10_000)
 
 
 @app.command()
 def verify(path: JobPath) -> None:
-    """Count rows in the job's range that still match `where`; exit 0 only if none."""
+    """Count the rows in range that still match `where` (0: done).
+
+    Exits 0 only if none is left."""
+    from backfill import commands
+
     job, params = _job(path), _params_or_exit()
     left = _run(lambda: commands.verify(job, params))
     typer.echo(f"{left:,} rows in range still match where")
@@ -228,6 +253,8 @@ def reset(
     if not yes:
         typer.echo("backfill: error: reset forgets the checkpoint; pass --yes to confirm", err=True)
         raise typer.Exit(int(ExitCode.USAGE))
+    from backfill import commands
+
     params = _params_or_exit()
     n = _run(lambda: commands.reset(params, name))
     typer.echo(f"forgot {n} checkpoint(s) of job {name}")
@@ -235,7 +262,11 @@ def reset(
 
 @app.command()
 def pause(name: Name) -> None:
-    """Pause a job: its runner stops before the next batch and waits, across restarts too."""
+    """Hold a job before its next batch (running or not).
+
+    Its runner waits, across restarts too, until `backfill resume`."""
+    from backfill import commands
+
     params = _params_or_exit()
     _said(_run(lambda: commands.pause(params, name)), f"job {name} paused")
 
@@ -243,6 +274,8 @@ def pause(name: Name) -> None:
 @app.command()
 def resume(name: Name) -> None:
     """Undo `pause`: a waiting runner goes on within check_every."""
+    from backfill import commands
+
     params = _params_or_exit()
     _said(_run(lambda: commands.resume(params, name)), f"job {name} resumed")
 
@@ -262,7 +295,9 @@ def set_(
         ),
     ],
 ) -> None:
-    """Change live settings of a job, running or not, without a restart."""
+    """Change a job's live settings, running or not."""
+    from backfill import commands
+
     params = _params_or_exit()
     _said(_run(lambda: commands.set_live(params, name, assignments)), f"job {name} updated")
 
@@ -274,25 +309,92 @@ def _said(result: commands.Controlled, what: str) -> None:
         where = "its runner picks this up within one batch (or check_every while waiting)"
     else:
         where = "no runner holds it now; its next run starts with these"
-    shown = ", ".join(f"{k}={_setting(v)}" for k, v in result.control.items()) or "none"
+    from backfill import control
+
+    shown = ", ".join(f"{k}={control.show(v)}" for k, v in result.control.items()) or "none"
     typer.echo(f"{what}: {where}\nlive overrides: {shown}")
 
 
 @app.command()
 def demo(
-    rows: Annotated[int, typer.Option(help="Rows to seed.")] = 1_000_000,
-    batch_size: Annotated[int, typer.Option(help="Rows per batch.")] = 5000,
+    rows: Annotated[int, typer.Option(min=1, help="Rows to seed.")] = 1_000_000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Keys per batch.")] = 5000,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            "--keep", help="Keep the server afterwards, with a second job to try every verb "
+            "on, until Ctrl-C.",
+        ),
+    ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, show_default=False,
+            help=f"Serve the run's metrics on 127.0.0.1 at this port; 0: don't (default: "
+            f"$BACKFILL_METRICS_PORT, else {METRICS_PORT}, or a free port if that is taken).",
+        ),
+    ] = None,
 ) -> None:
-    """Start a throwaway PostgreSQL, seed a table, and run a backfill with live progress."""
+    """A real backfill on a throwaway PostgreSQL, to watch and explore.
+
+    Seeds a table, runs a job with live progress and its metrics served, verifies it; with
+    --keep the server stays up (with a second job to try) until Ctrl-C removes it."""
     from backfill import demo as demo_module
 
     try:
-        demo_module.main(rows=rows, batch_size=batch_size)
+        telemetry = _telemetry(metrics_port=metrics_port, log_every=None)
+        demo_module.main(rows=rows, batch_size=batch_size, keep=keep, telemetry=telemetry)
     except BackfillError as error:
         raise _fail(error) from None
 
 
+@app.command()
+def manifest(
+    path: JobPath,
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory of the overlay (created if missing).",
+                           show_default=False)
+    ],
+    image: Annotated[
+        str | None,
+        typer.Option(help="The runner image, with a tag or digest (default: the base's "
+                     "registry.example.com/backfill:<version>).", show_default=False),
+    ] = None,
+    shards: Annotated[
+        int, typer.Option(min=1, help="Run N shards as an Indexed Job (one pod per shard).")
+    ] = 1,
+    base: Annotated[
+        Path | None,
+        typer.Option(help="The runner Job's kustomize base (default: k8s/base of this clone).",
+                     show_default=False),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a kustomization.yaml not written by this.")
+    ] = False,
+) -> None:
+    """Write a kustomize overlay that runs JOBFILE as a Kubernetes Job.
+
+    Then: kubectl apply -k DIR."""
+    from backfill import manifest as manifests
+
+    try:
+        made = manifests.overlay(
+            str(path), str(out), image=image, shards=shards,
+            base=None if base is None else str(base),
+        )
+        made.write(force=force)
+    except BackfillError as error:
+        raise _fail(error) from None
+    for name in made.files:
+        typer.echo(f"wrote {out / name}")
+    typer.echo(f"apply it with: kubectl apply -k {out}")
+
+
 def _telemetry(*, metrics_port: int | None, log_every: float | None) -> Telemetry:
+    from pydantic import ValidationError
+
+    from backfill.settings import TelemetrySettings
+
     try:
         settings = TelemetrySettings()
     except ValidationError as exc:
@@ -308,96 +410,38 @@ def _params_or_exit() -> ConnectParams:
         raise _fail(error) from None
 
 
-def _key(key: Any) -> str:
-    if key is None:
-        return "-"
-    return key[0] if len(key) == 1 else "(" + ", ".join(key) + ")"
 
 
-def _plain(value: Any) -> Any:
-    return value.isoformat() if hasattr(value, "isoformat") else value
 
 
-def _live_lines(
-    job: str, settings: dict[str, Any], overrides: dict[str, Any], *, every: bool
-) -> list[str]:
-    """Live control for ``status``: a pause, and each setting's job-file and live value (all
-    live settings with ``every``, else only the overridden ones)."""
-    lines = [f"  paused by an operator: `backfill resume {job}` to go on"] if overrides.get(
-        control.PAUSED
-    ) else []
-    for key in control.LIVE_KEYS:
-        if key in overrides:
-            was = _setting(settings.get(key, "?"))
-            lines.append(f"  {key:<30} {_setting(overrides[key])}  (live; job file: {was})")
-        elif every and key in settings:
-            lines.append(f"  {key:<30} {_setting(settings[key])}")
-    return lines
 
 
-def _setting(value: Any) -> str:
-    return "off" if value is None else str(value)
 
 
-def _status_entry(c: Any) -> dict[str, Any]:
-    entry = {k: _plain(v) for k, v in asdict(c).items()}
-    done = c.state == "succeeded"
-    entry["progress"] = 1.0 if done else fraction(c.range_lo, c.range_hi, c.cursor)
-    return entry
 
 
-def _rate_entry(rate: commands.Rate | None) -> dict[str, Any]:
-    if rate is None:
-        return {"rows_per_second": None, "eta_seconds": None, "last_commit_age_seconds": None}
-    return {
-        "rows_per_second": None if rate.rows_per_second is None else round(rate.rows_per_second, 1),
-        "eta_seconds": None if rate.eta_seconds is None else round(rate.eta_seconds),
-        "last_commit_age_seconds": rate.last_commit_age_seconds,
-    }
 
 
-def _pace(e: dict[str, Any]) -> str:
-    """``  1,234 rows/s  ETA 5m20s`` from the run history, when known."""
-    out = ""
-    if e["rows_per_second"] is not None:
-        out += f"  {e['rows_per_second']:,.0f} rows/s"
-    if e["eta_seconds"] is not None:
-        ago = e["last_commit_age_seconds"]
-        out += f"  ETA {human_seconds(e['eta_seconds'])}" + (
-            f" (as of {human_seconds(ago)} ago)" if ago is not None and ago >= 60 else ""
-        )
-    return out
 
 
-def _impact(i: commands.Impact) -> str:
-    """``impact 1.12 <= 1.20, canary write 2.1 ms over baseline 1.9 ms, duty 45%``."""
-    when = f" ({human_seconds(i.age_seconds)} ago)" if i.age_seconds >= 5 else ""
-    if i.ratio is None or i.current_seconds is None or i.baseline_seconds is None:
-        return f"impact budget {i.limit:.2f}: measuring, duty {i.duty:.0%}{when}"
-    return (
-        f"impact {i.ratio:.2f} {'>' if i.ratio > i.limit else '<='} {i.limit:.2f}, canary "
-        f"{i.deciding} {i.current_seconds * 1000:.1f} ms over baseline "
-        f"{i.baseline_seconds * 1000:.1f} ms, duty {i.duty:.0%}{when}"
-    )
 
 
-def _totals(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each job's sum over its shards."""
-    totals: dict[str, dict[str, Any]] = {}
-    for e in entries:
-        t = totals.setdefault(
-            e["job"], {"shards": 0, "succeeded": 0, "rows_updated": 0, "rows_skipped": 0,
-                       "batches": 0}
-        )
-        t["shards"] += 1
-        t["succeeded"] += e["state"] == "succeeded"
-        for k in ("rows_updated", "rows_skipped", "batches"):
-            t[k] += e[k]
-    return totals
+def _watch_seconds(argv: list[str]) -> list[str]:
+    """``status --watch`` takes an optional SECONDS (click options cannot): without a number
+    after it, the default is put there."""
+    if "status" not in argv or "--watch" not in argv:
+        return argv
+    i = argv.index("--watch")
+    following = argv[i + 1] if i + 1 < len(argv) else ""
+    try:
+        float(following)
+    except ValueError:
+        return [*argv[: i + 1], f"{WATCH_SECONDS:g}", *argv[i + 1 :]]
+    return argv
 
 
 def main() -> None:
     try:
-        app()
+        app(args=_watch_seconds(sys.argv[1:]))
     except KeyboardInterrupt:
         sys.exit(int(ExitCode.TEMPFAIL))

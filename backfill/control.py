@@ -20,9 +20,9 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from backfill.errors import ConfigError
 from backfill.job import BatchConfig, Job, Limits, ThrottleConfig
@@ -168,8 +168,11 @@ def check_name(name: str) -> str:
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
     """``["batch.size=500", "limits.max_rows_per_second=off"]`` -> changes to the overrides.
 
-    Values stay text here (``merge`` validates them); ``None`` switches a limit off and
-    ``DEFAULT`` removes the override. Unknown keys and malformed items raise ``ConfigError``.
+    Each value is checked on its own against its job-file field (type, unit, bounds), so bad
+    input fails before anything connects; it stays text here, and ``merge`` validates it again
+    with the rest of its section (``batch.size`` within ``min_size .. max_size``). ``None``
+    switches a limit off and ``DEFAULT`` removes the override. Unknown keys, malformed items
+    and bad values raise ``ConfigError``.
     """
     if not items:
         raise ConfigError("nothing to set: give key=value pairs, e.g. batch.size=500")
@@ -187,8 +190,22 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
         elif text.lower() == DEFAULT:
             changes[key] = DEFAULT
         else:
+            _check_value(key, text)
             changes[key] = text
     return changes
+
+
+def _check_value(key: str, text: str) -> None:
+    """``text`` as the job file's field ``key`` would take it, without the other fields."""
+    section, name = key.split(".")
+    field_info = SECTIONS[section].model_fields[name]
+    # The field's type and constraints, built at run time (hence not a type form for mypy).
+    field_type: Any = Annotated[field_info.annotation, field_info]
+    try:
+        TypeAdapter(field_type).validate_python(text)
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{key}: {message}") from exc
 
 
 def merge(
@@ -218,6 +235,11 @@ def merge(
             if key in new:
                 new[key] = getattr(valid, key[len(prefix):])
     return new
+
+
+def show(value: Any) -> str:
+    """A setting's value as ``status`` and ``set`` print it (``off`` for a limit switched off)."""
+    return "off" if value is None else str(value)
 
 
 def overridden(

@@ -40,13 +40,27 @@ class TextFormatter(logging.Formatter):
         )
 
 
+class _Stderr:
+    """``sys.stderr`` as it is at each write: a live progress bar redirects it, so that log
+    lines are printed above the bar instead of through it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def setup(
     *, level: str = "INFO", stream: TextIO | None = None, json_lines: bool | None = None
 ) -> None:
-    stream = stream or sys.stderr
+    out: TextIO | _Stderr = stream or _Stderr()
     if json_lines is None:
-        json_lines = not stream.isatty()
-    handler = logging.StreamHandler(stream)
+        json_lines = not out.isatty()
+    handler = logging.StreamHandler(out)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger("backfill")
     root.handlers[:] = [handler]

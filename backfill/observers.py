@@ -1,6 +1,7 @@
-"""Observers of a run: the structured log and the live terminal line.
+"""Observers of a run: the shared progress, and the structured log (the live bar on a terminal
+is ``backfill.progressbar``).
 
-Both read the same ``Tracker``; neither logs a line per batch at the default level.
+They read the same ``Tracker``; none logs a line per batch at the default level.
 """
 
 from __future__ import annotations
@@ -8,12 +9,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TextIO
+from dataclasses import dataclass
 
 from backfill.checkpoint import BatchResult, Checkpoint, Key
 from backfill.errors import BatchFailure, DataFailure
-from backfill.progress import Tracker, human_seconds
+from backfill.progress import Tracker
 from backfill.protocols import Observer, Pause
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,6 @@ class Progress:
 
     tracker: Tracker
     clock: Callable[[], float] = time.monotonic
-    current_state: str = ""
-    pause_reason: str = ""
 
     def started(self, checkpoint: Checkpoint) -> None:
         self.tracker.start(checkpoint, self.clock())
@@ -94,14 +92,11 @@ class Progress:
         pass
 
     def throttled(self, pause: Pause) -> None:
-        # The loop reports a pause when it ends; the reason shown during the next one is this
-        # one's (throttles tend to repeat), until that one ends.
-        self.pause_reason = pause.reason
         seconds = self.tracker.throttle_seconds
         seconds[pause.reason] = seconds.get(pause.reason, 0.0) + pause.seconds
 
     def state(self, state: str) -> None:
-        self.current_state = state
+        pass
 
 
 def summary(progress: Progress) -> dict[str, object]:
@@ -183,53 +178,3 @@ class LogLines:
         if state != self._last_state and state not in ("throttled",):
             self._last_state = state
             log.info("state", extra={"job": self.job, "state": state, **summary(self.progress)})
-
-
-@dataclass
-class TerminalLine:
-    """A live progress line, redrawn at most ``every`` seconds, on a terminal."""
-
-    stream: TextIO
-    progress: Progress
-    every: float = 0.2
-    clock: Callable[[], float] = time.monotonic
-    _drawn: float = field(default=0.0)
-
-    def _draw(self, *, force: bool = False) -> None:
-        now = self.clock()
-        if not force and now - self._drawn < self.every:
-            return
-        self._drawn = now
-        s = summary(self.progress)
-        percent = "?" if s["percent"] is None else f"{s['percent']:5.1f}%"
-        reason = self.progress.pause_reason
-        state = self.progress.current_state
-        line = (
-            f"{percent}  {s['rows']:,} rows  {s['rows_per_second']:,.0f} rows/s  "
-            f"ETA {human_seconds(self.progress.tracker.eta_seconds())}  "
-            f"batch {s['batch_size']}  {state}"
-            + (f" ({reason})" if reason and state in ("throttled", "paused") else "")
-        )
-        self.stream.write("\r\x1b[2K" + line)
-        self.stream.flush()
-
-    def started(self, checkpoint: Checkpoint) -> None:
-        self._draw(force=True)
-
-    def committed(self, result: BatchResult) -> None:
-        self._draw()
-
-    def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:
-        self._draw()
-
-    def skipped(self, key: Key) -> None:
-        self._draw()
-
-    def throttled(self, pause: Pause) -> None:
-        self._draw()
-
-    def state(self, state: str) -> None:
-        self._draw(force=state in ("succeeded", "failed", "interrupted"))
-        if state in ("succeeded", "failed", "interrupted"):
-            self.stream.write("\n")
-            self.stream.flush()

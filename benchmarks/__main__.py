@@ -1,4 +1,4 @@
-"""``python3 -m benchmarks``: the whole benchmark in one run (see README, "Performance")."""
+"""``python3 -m benchmarks``: the whole benchmark in one run (see docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from benchmarks import report
 from benchmarks.options import SECTIONS, Options
 from benchmarks.suite import run_suite
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+# Where --readme pastes the tables (the name stays: it is what the docs and habits call it).
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 
 
@@ -38,7 +39,8 @@ def parse(argv: list[str]) -> tuple[Options, bool]:
     p.add_argument("--smoke", action="store_true",
                    help="tiny tables, one repetition: checks the code, numbers mean nothing")
     p.add_argument("--readme", action="store_true",
-                   help="also paste the tables into README.md between the benchmark markers")
+                   help="also paste the tables into docs/performance.md between the benchmark "
+                        "markers")
     a = p.parse_args(argv)
     sections = tuple(s.strip() for s in a.only.split(",") if s.strip())
     if unknown := set(sections) - set(SECTIONS):
@@ -55,13 +57,13 @@ def parse(argv: list[str]) -> tuple[Options, bool]:
     return opts, a.readme
 
 
-def paste(readme: Path, table: str) -> bool:
-    text = readme.read_text()
+def paste(page: Path, table: str) -> bool:
+    text = page.read_text()
     if START not in text or END not in text:
         return False
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table}{END}{tail}")
+    page.write_text(f"{head}{START}\n{table}{END}{tail}")
     return True
 
 
@@ -77,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
     tmp.replace(opts.out)
     print(table)
-    if readme and not paste(README, table):
-        print(f"README.md has no {START} ... {END} markers: not pasted", file=sys.stderr)
+    if readme and not paste(PAGE, table):
+        print(f"{PAGE} has no {START} ... {END} markers: not pasted", file=sys.stderr)
     return 0
 
 

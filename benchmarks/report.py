@@ -1,4 +1,4 @@
-"""Targets, and the markdown tables printed at the end and pasted into README."""
+"""Targets, and the markdown tables printed at the end and pasted into docs/performance.md."""
 
 from __future__ import annotations
 

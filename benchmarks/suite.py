@@ -43,7 +43,8 @@ def scenarios(opts: Options) -> list[Scenario]:
     small = opts.batch_sizes[0]
     target = runner.job_fields(size=small, target_seconds=0.1)
     gentle = runner.job_fields(size=small, target_seconds=0.1, sleep_ratio=1.0)
-    # README's "A starting configuration for a busy primary" ([batch] and the rate ceiling).
+    # "A starting configuration for a busy primary" in docs/throttling.md ([batch] and the rate
+    # ceiling).
     starter = runner.job_fields(
         batch={"size": 500, "min_size": 50, "max_size": 20_000},
         target_seconds=0.2, sleep_ratio=0.5,
@@ -82,7 +83,7 @@ def scenarios(opts: Options) -> list[Scenario]:
             throughput=False,
         ),
         Scenario(
-            "runner-starter", "runner, README's busy-primary starting config",
+            "runner-starter", "runner, busy-primary starting config",
             cli("runner-starter", starter), True, unavailable=runner.supported(starter),
             throughput=False,
         ),

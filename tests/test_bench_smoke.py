@@ -1,7 +1,7 @@
 """The benchmark suite in smoke mode (tiny tables, one repetition), so its code never rots.
 
 Only the shape of the results is checked, and that every scenario did all of its work: speed is
-never asserted here (see README, "Performance", for the numbers and how to get them).
+never asserted here (see docs/performance.md for the numbers and how to get them).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from backfill.pgtemp import ServerUnavailable, find_bindir
+from benchmarks.__main__ import END, PAGE, START, paste
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,3 +55,13 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
 
     assert {t["target"] for t in results["targets"]}
     assert "| scenario | rows/s |" in done.stdout and "| target | measured | met |" in done.stdout
+
+
+def test_readme_option_pastes_into_the_performance_page(tmp_path: Path) -> None:
+    """``--readme`` replaces what is between the markers of docs/performance.md, nothing else."""
+    page = tmp_path / "performance.md"
+    page.write_text(PAGE.read_text())
+    assert paste(page, "| new | table |\n")
+    text = page.read_text()
+    head, rest = PAGE.read_text().split(START, 1)
+    assert text == f"{head}{START}\n| new | table |\n{END}{rest.split(END, 1)[1]}"

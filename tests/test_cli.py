@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,11 @@ async def test_run_status_verify_reset(db: Database, tmp_path: Path) -> None:
     assert entry["cursor"] == ["500"]
     assert [r["outcome"] for r in data["runs"]] == ["succeeded"]
     text = cli("status", env=env)
-    assert "users-display-name[0]  succeeded" in text.stdout
+    header, rule, row = text.stdout.splitlines()[:3]
+    assert header.split() == ["JOB", "SHARD", "STATE", "DONE", "ROWS", "BATCHES", "RATE", "ETA",
+                              "CURSOR", "UPDATED"]
+    assert set(rule.strip()) <= {"─", " "}
+    assert row.split()[:6] == ["users-display-name", "-", "succeeded", "100.0%", "500", "5"]
 
     refused = cli("reset", "users-display-name", env=env)
     assert refused.returncode == 2
@@ -161,3 +166,61 @@ async def test_pg_variables_are_used(db: Database, tmp_path: Path) -> None:
 async def test_bad_command_line_exits_2(db: Database) -> None:
     assert cli("run", env=db.env()).returncode == 2
     assert cli("frobnicate", env=db.env()).returncode == 2
+
+
+# --- local checks come first ---------------------------------------------------------------------
+
+# Nothing listens on port 1: any verb that got as far as connecting would fail with exit 69.
+UNREACHABLE = "postgresql://u@127.0.0.1:1/x"
+OFFLINE: dict[str, tuple[list[str], str]] = {
+    "set: not a number": (["set", "users-display-name", "batch.size=abc"], "batch.size: "),
+    "set: out of bounds": (["set", "users-display-name", "batch.size=0"], "batch.size: "),
+    "set: not a duration": (
+        ["set", "users-display-name", "batch.target_seconds=soon"], "batch.target_seconds: "
+    ),
+    "set: not a size": (
+        ["set", "users-display-name", "throttle.max_slot_lag_bytes=lots"],
+        "throttle.max_slot_lag_bytes: ",
+    ),
+    "set: not a choice": (
+        ["set", "users-display-name", "throttle.on_check_error=maybe"], "throttle.on_check_error: "
+    ),
+    "set: unknown key": (["set", "users-display-name", "batch.colour=1"], "not a live setting"),
+    "set: bad name": (["set", "Users Job", "batch.size=5"], "is not a job name"),
+    "pause: bad name": (["pause", "Users Job"], "is not a job name"),
+    "resume: bad name": (["resume", "Users Job"], "is not a job name"),
+    "status: bad name": (["status", "Users Job"], "is not a job name"),
+    "reset: bad name": (["reset", "Users Job", "--yes"], "is not a job name"),
+}
+
+
+def offline_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "BACKFILL_"))}
+    env.pop("DATABASE_URL", None)
+    return env | {"BACKFILL_DATABASE_URL": UNREACHABLE, "BACKFILL_METRICS_PORT": "0"}
+
+
+@pytest.mark.parametrize("case", OFFLINE)
+def test_bad_input_is_refused_before_connecting(case: str) -> None:
+    args, message = OFFLINE[case]
+    out = cli(*args, env=offline_env(), timeout=30)
+    assert out.returncode == 78, out.stderr
+    assert out.stderr.startswith("backfill: error: ") and message in out.stderr, out.stderr
+    assert "database unavailable" not in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("verb", ["run", "plan", "verify"])
+def test_bad_job_file_is_refused_before_connecting(verb: str, tmp_path: Path) -> None:
+    path = write_job(tmp_path, users_job(batch={"size": 10**9}))
+    out = cli(verb, path, env=offline_env(), timeout=30)
+    assert out.returncode == 78 and "batch.size: " in out.stderr, out.stderr
+    shard = cli("run", write_job(tmp_path, users_job()), "--shard", "4/4", env=offline_env())
+    assert shard.returncode == 78 and "--shard" in shard.stderr, shard.stderr
+
+
+def test_good_input_gets_as_far_as_the_database(tmp_path: Path) -> None:
+    """The control: the same verbs with valid input do try to connect."""
+    path = write_job(tmp_path, users_job(limits={"connect_retry_seconds": 0}))
+    for args in (["set", "users-display-name", "batch.size=500"], ["status"], ["run", path]):
+        out = cli(*args, env=offline_env(), timeout=60)
+        assert out.returncode == 69 and "127.0.0.1:1" in out.stderr, (args, out.stderr)

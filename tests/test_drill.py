@@ -1,4 +1,5 @@
-"""The pod-kill drill: the README's Kubernetes walk-through, with processes standing in for pods.
+"""The pod-kill drill: the Kubernetes walk-through of docs/kubernetes.md, with processes standing
+in for pods.
 
 The init Job and the runner Job run exactly as the rendered manifests say (command from the
 image, args, env from the Secrets, the job file where the ConfigMap is mounted); the runner's
@@ -39,11 +40,10 @@ START_SECONDS = 30  # a pod's start-up, interpreter included, on a loaded machin
 
 
 def readme_grants(role: str) -> list[str]:
-    """The SQL the README's Kubernetes section tells the owner to run, for ``role``."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Run it on Kubernetes", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```sql\n(.*?)```", section, re.S)
-    assert block, "the README's Kubernetes section has no ```sql block"
+    """The SQL docs/kubernetes.md tells the owner to run, for ``role``."""
+    page = (REPO / "docs" / "kubernetes.md").read_text()
+    block = re.search(r"```sql\n(.*?)```", page, re.S)
+    assert block, "docs/kubernetes.md has no ```sql block"
     statements = [s.strip() for s in block.group(1).split(";") if s.strip()]
     return [s.replace("backfill_runner", role) for s in statements]
 
@@ -89,7 +89,7 @@ async def test_pod_kill_drill(db: Database, tmp_path: Path) -> None:
         workdir=tmp_path / "pods",
     ) as kubelet:
 
-        # The init Job, then the README's grants for the runner role.
+        # The init Job, then the docs' grants for the runner role.
         pod = await kubelet.pod(init).start()
         with anyio.fail_after(START_SECONDS):
             assert await pod.wait() == 0, pod.output()

@@ -20,6 +20,7 @@ from backfill.loop import SAVE_BUDGET
 from backfill.pg import CLIENT_SLACK
 from backfill.session import CLOSE_BUDGET
 from backfill.settings import DEFAULT_METRICS_PORT
+from tests.conftest import cli
 from tests.kube import (
     K8S,
     METRICS_PORT,
@@ -92,7 +93,8 @@ def test_every_example_job_has_an_overlay() -> None:
         name = tomllib.loads(path.read_text())["name"]
         overlay = K8S / "jobs" / name
         assert (overlay / "job.toml").read_bytes() == path.read_bytes(), (
-            f"k8s/jobs/{name}/job.toml differs from jobs/{path.name}: copy it again"
+            f"k8s/jobs/{name}/job.toml differs from jobs/{path.name}: regenerate the overlay "
+            f"(backfill manifest jobs/{path.name} --out k8s/jobs/{name})"
         )
         runner = job(render(overlay))
         assert runner["metadata"]["name"] == f"backfill-{name}"
@@ -127,7 +129,7 @@ def _check_podmonitor(monitor: Doc, docs: tuple[Doc, ...], *, per_migration: boo
     (endpoint,) = spec["podMetricsEndpoints"]
     assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "honorLabels"}
     assert (endpoint["port"], endpoint["path"]) == ("metrics", "/metrics")
-    # Series carry the backfill job in `job`: Prometheus must keep it (README, Observability).
+    # Series carry the backfill job in `job`: Prometheus must keep it (docs/observability.md).
     assert endpoint["honorLabels"] is True
     # A pod's final state is scraped only if the runner lingers for one scrape interval.
     env = {e["name"]: e.get("value") for e in container(job(docs)).get("env", [])}
@@ -219,7 +221,7 @@ def _check_job(job_doc: Doc, docs: tuple[Doc, ...], directory: Path) -> None:
     assert not kinds(docs, "Secret"), "Secrets are created out of band, never rendered from git"
 
     # The image is pinned to a tag, never `latest`.
-    assert re.fullmatch(r"[^:@]+(:[\w.-]+|@sha256:[0-9a-f]{64})", ctr["image"])
+    assert re.fullmatch(r"([^/:@]+(:\d+)?/)?[^:@]+(:[\w.-]+|@sha256:[0-9a-f]{64})", ctr["image"])
     assert not ctr["image"].endswith(":latest")
 
     if component == "runner":
@@ -408,18 +410,62 @@ def test_baked_image_variant_mounts_no_configmap() -> None:
     ][0]["image"]
 
 
-def test_readme_walks_through_kubernetes() -> None:
-    readme = (REPO / "README.md").read_text()
-    assert readme.index("## Run it on Kubernetes") < readme.index("## Development")
-    section = readme.split("## Run it on Kubernetes", 1)[1].split("\n## ", 1)[0]
+def test_docs_walk_through_kubernetes() -> None:
+    section = (REPO / "docs" / "kubernetes.md").read_text()
+    assert "docs/kubernetes.md" in (REPO / "README.md").read_text()
     for needed in (
         "kubectl create secret generic backfill-db-owner",
         "kubectl create secret generic backfill-db ",
         "kubectl apply -k k8s/init",
         "kubectl wait --for=condition=complete job/backfill-init",
+        "backfill manifest jobs/users_display_name.toml --out k8s/jobs/users-display-name",
         "kubectl apply -k k8s/jobs/users-display-name",
         "```sql",
     ):
         assert needed in section, needed
     for code in (65, 69, 75, 78, 137):
         assert f"| {code} " in section, f"what to do on exit {code}"
+
+
+# --- what `backfill manifest` writes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_a_generated_overlay_renders_validates_and_holds(tmp_path: Path, shards: int) -> None:
+    """Written by the CLI outside the repository, with an image and (for 3) as an Indexed
+    Job: it renders, validates strictly, and keeps every invariant of a runner Job."""
+    source = REPO / "jobs" / "orders_status_not_null.toml"
+    out = tmp_path / "overlay"
+    image_ref = "registry.internal:5000/team/backfill:2.3.4"
+    done = cli("manifest", source, "--out", out, "--image", image_ref, "--shards", str(shards),
+               env={})
+    assert done.returncode == 0, done.stderr
+    docs = render(out)
+    for doc in docs:
+        if doc["kind"] == "PodMonitor":
+            _check_podmonitor(doc, docs, per_migration=True)
+            continue
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    runner = job(docs)
+    _check_job(runner, docs, out)
+    assert runner["metadata"]["name"] == "backfill-orders-status"
+    assert runner["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == (
+        "orders-status"
+    )
+    assert container(runner)["image"] == image_ref
+    (config_map,) = kinds(docs, "ConfigMap")
+    assert config_map["data"]["job.toml"] == source.read_text()
+    spec = runner["spec"]
+    if shards == 1:
+        assert "completionMode" not in spec and "completions" not in spec
+        return
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == (
+        "Indexed", shards, shards
+    )
+    kubelet = Kubelet({"backfill-db": {"url": "postgresql://db/x"}},
+                      {config_map["metadata"]["name"]: config_map["data"]}, tmp_path)
+    argv = [kubelet.pod(runner, index=i).argv for i in range(shards)]
+    assert [[a for a in av if a.startswith("--shard=")] for av in argv] == [
+        [f"--shard={i}/{shards}"] for i in range(shards)
+    ]

@@ -358,12 +358,13 @@ def test_busy_port_is_a_warning(logged: Records) -> None:
     assert messages == ["metrics endpoint not served: cannot listen"]
 
 
-def test_status_line_shows_pace() -> None:
-    from backfill.cli import _pace
+def test_status_shows_pace() -> None:
+    from backfill.statusview import pace
 
     entry = {"rows_per_second": 1234.4, "eta_seconds": 320, "last_commit_age_seconds": 2.0}
-    assert _pace(entry) == "  1,234 rows/s  ETA 5m20s"
+    assert pace(entry) == ("1,234/s", "5m20s")
     stale = entry | {"last_commit_age_seconds": 720.0}
-    assert _pace(stale) == "  1,234 rows/s  ETA 5m20s (as of 12m00s ago)"
+    assert pace(stale) == ("1,234/s", "5m20s?")
+    assert pace(entry | {"state": "paused"}) == ("1,234/s", "?")
     unknown = {"rows_per_second": None, "eta_seconds": None, "last_commit_age_seconds": None}
-    assert _pace(unknown) == ""
+    assert pace(unknown) == ("", "")

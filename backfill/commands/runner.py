@@ -21,7 +21,7 @@ from backfill.gates import PgProbe
 from backfill.job import Job
 from backfill.loop import Loop, Policy
 from backfill.metrics import RunMetrics
-from backfill.observers import Fanout, LogLines, Progress, TerminalLine
+from backfill.observers import Fanout, LogLines, Progress
 from backfill.progress import Tracker
 from backfill.protocols import Observer, Throttle
 from backfill.ranges import WHOLE, Shard
@@ -50,15 +50,16 @@ def policy_for(job: Job) -> Policy:
 
 
 def default_observers(
-    job: Job, tracker: Tracker, stream: TextIO, *, log_every: float = 30.0
+    job: Job, tracker: Tracker, stream: TextIO, *, log_every: float = 30.0, shard: Shard = WHOLE
 ) -> list[Observer]:
+    """Progress for people: a live bar on a terminal, else JSON log lines."""
     progress = Progress(tracker)
-    shown: Observer = (
-        TerminalLine(stream, progress)
-        if stream.isatty()
-        else LogLines(job.name, progress, every=log_every)
-    )
-    return [progress, shown]
+    if not stream.isatty():
+        return [progress, LogLines(job.name, progress, every=log_every)]
+    from backfill.progressbar import ProgressBar  # rich, only on a terminal
+
+    label = job.name + (f" [{shard}]" if shard.count > 1 else "")
+    return [progress, ProgressBar(stream, progress, label)]
 
 
 async def run(
@@ -81,7 +82,9 @@ async def run(
     trackers: list[Tracker] = []  # those that show progress, for a text key's sampled estimate
     if observers is None:
         log_every = telemetry.log_every if telemetry is not None else 30.0
-        observers = default_observers(job, tracker, stream or sys.stderr, log_every=log_every)
+        observers = default_observers(
+            job, tracker, stream or sys.stderr, log_every=log_every, shard=shard
+        )
         trackers.append(tracker)
     exporter: Exporter | None = None
     if telemetry is not None:

@@ -63,6 +63,8 @@ class Status:
 
 
 async def status(params: ConnectParams, name: str | None = None, *, history: int = 10) -> Status:
+    if name is not None:
+        control.check_name(name)
     conn = await guard(admin(params, "status"))
     try:
         await guard(require_state_schema(conn))
@@ -96,6 +98,7 @@ async def status(params: ConnectParams, name: str | None = None, *, history: int
 
 async def reset(params: ConnectParams, name: str) -> int:
     """Forget a job's checkpoint (all shards). Refuses while a runner holds the job."""
+    control.check_name(name)
     conn = await guard(admin(params, "reset"))
     try:
         await guard(require_state_schema(conn))

@@ -3,7 +3,8 @@
 Tests that stop, crash or reconfigure a server get their own (``own_pg``, one per module), never
 the shared session server. ``admin`` is a superuser connection to the test's database for
 polling and injecting faults. ``figures`` collects what the suite survived; with
-``BACKFILL_FAULT_FIGURES=path`` set it appends them there as JSON lines (the README's figures).
+``BACKFILL_FAULT_FIGURES=path`` set it appends them there as JSON lines (the figures in
+docs/failure-behaviour.md).
 """
 
 from __future__ import annotations

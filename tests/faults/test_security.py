@@ -36,11 +36,11 @@ ROLES = ("backfill_runner", "backfill_reader", "backfill_stateless", "backfill_c
 
 
 def readme_grants() -> str:
-    """The GRANTs README's "Failure behaviour" section gives the runner role, as a template
-    over ``{role}`` (the roles themselves are made here, with a password)."""
-    section = (REPO / "README.md").read_text().split("\n## Failure behaviour", 1)[1]
-    block = re.search(r"```sql\n(.*?)```", section.split("\n## ", 1)[0], re.S)
-    assert block, "README's Failure behaviour section has no ```sql block"
+    """The GRANTs docs/failure-behaviour.md gives the runner role ("Least privilege"), as a
+    template over ``{role}`` (the roles themselves are made here, with a password)."""
+    page = (REPO / "docs" / "failure-behaviour.md").read_text()
+    block = re.search(r"```sql\n(.*?)```", page.split("**Least privilege.**", 1)[1], re.S)
+    assert block, "docs/failure-behaviour.md has no ```sql block after Least privilege"
     grants = [s.strip() for s in block.group(1).split(";") if s.strip().startswith("GRANT")]
     assert grants[-1] == "GRANT SELECT, UPDATE ON public.users TO backfill_runner"
     return ";\n".join(grants).replace("backfill_runner", "{role}") + ";"
