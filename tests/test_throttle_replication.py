@@ -87,7 +87,7 @@ async def test_slot_lag_holds_the_run_while_a_slot_retains_too_much_wal(
     db = await fresh_database(primary)
     await seed_users(db, "generate_series(1, 4000)")
     await install_log(db)
-    await db.execute("SELECT pg_create_logical_replication_slot('backfill_test', 'test_decoding')")
+    await db.execute("SELECT pg_create_logical_replication_slot('backfill_test', 'pgoutput')")
     job = parse_job(users_job(
         batch={"size": 50, "sleep_seconds": 0.01},
         throttle={"check_every": 0.1, "max_slot_lag_bytes": "64kB"},
