@@ -8,7 +8,6 @@ connects lazily: a run without gates that is never paused never opens it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -121,13 +120,11 @@ class PgProbe:
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             self._conn = None
-            conn = await connect(
+            # Any server and any pooling mode will do: the probe only reads, and
+            # ``set_state``/``control`` touch one row, whichever session runs them.
+            self._conn = await connect(
                 self.params, budget=self.budget, application_name=self.application_name
             )
-            await conn.set_type_codec(
-                "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-            )
-            self._conn = conn
         return self._conn
 
     async def _fetchrow(self, query: str, *args: Any, readonly: bool = False) -> asyncpg.Record:

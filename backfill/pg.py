@@ -32,6 +32,16 @@ CLIENT_SLACK = 5.0
 
 _CONTENTION = {"55P03": "lock_timeout", "40P01": "deadlock", "40001": "serialization"}
 _GONE = {"57P01", "57P02", "57P03", "53300", "58030"}
+# PgBouncer reports its own errors as 08P01 (protocol violation), most of them configuration
+# ("unsupported startup parameter", "no such database", "login failed"); only these pass.
+_POOLER_PASSING = (
+    "no more connections allowed", "cannot connect to server", "server login has been failing",
+    "query_wait_timeout", "client_login_timeout", "pooler is shutting down",
+)
+POOLER_HINT = (
+    "connect directly to PostgreSQL, or through a pooler in session mode (PgBouncer: "
+    "pool_mode = session): the job's lock and session settings must stay on one server session"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,44 +52,64 @@ class Budget:
     lock_timeout: float
     connect_timeout: float = 10.0
 
-    def server_settings(self, application_name: str) -> dict[str, str]:
+    def startup_parameters(self, application_name: str) -> dict[str, str]:
+        """Sent in the startup packet: only what PgBouncer accepts there (it refuses any other
+        parameter, "unsupported startup parameter"); the rest is ``session_sql``."""
         return {
             "application_name": application_name[:63],
-            "statement_timeout": str(max(1, round(self.statement_timeout * 1000))),
-            "lock_timeout": str(max(1, round(self.lock_timeout * 1000))),
             # Keys travel as text: fix the date format so a cursor saved by one session parses
             # identically in the next, whatever the server's default.
             "DateStyle": "ISO, MDY",
-            "idle_in_transaction_session_timeout": str(
-                max(1, round((self.statement_timeout + CLIENT_SLACK) * 1000))
-            ),
+        }
+
+    def session_sql(self) -> str:
+        """The session's time limits, SET right after connecting, in one round trip."""
+        settings = {
+            "statement_timeout": _ms(self.statement_timeout),
+            "lock_timeout": _ms(self.lock_timeout),
+            "idle_in_transaction_session_timeout": _ms(self.statement_timeout + CLIENT_SLACK),
             # A runner on a vanished node must not hold the job's lock until the kernel's
             # two-hour default: the server probes an idle client after 30 s, every 10 s, and
             # ends the backend (releasing the lock) after 3 unanswered probes.
-            "tcp_keepalives_idle": "30",
-            "tcp_keepalives_interval": "10",
-            "tcp_keepalives_count": "3",
+            "tcp_keepalives_idle": 30,
+            "tcp_keepalives_interval": 10,
+            "tcp_keepalives_count": 3,
         }
+        return "; ".join(f"SET {name} = {value}" for name, value in settings.items())
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 async def connect(
-    params: ConnectParams, *, budget: Budget, application_name: str
+    params: ConnectParams, *, budget: Budget, application_name: str, writable: bool = False
 ) -> asyncpg.Connection:
-    """Connect with the budget applied to the session; errors are already translated."""
+    """Connect with the budget applied to the session; errors are already translated. With
+    ``writable``, a server that does not accept writes (a standby) is not connected to."""
     open_: Any = asyncpg.connect  # ConnectParams.kwargs() is checked there, not here
+    where = f"connecting to {params.describe()}"
+    kwargs = params.kwargs(writable=writable)  # reads the URL file now: a rotated password
     try:
         conn: asyncpg.Connection = await open_(
-            **params.kwargs(),
+            **kwargs,
             timeout=budget.connect_timeout,
             command_timeout=budget.statement_timeout + CLIENT_SLACK,
-            server_settings=budget.server_settings(application_name),
+            server_settings=budget.startup_parameters(application_name),
         )
+    except Exception as exc:
+        raise translate(exc, where=where) from exc
+    try:
+        await conn.execute(budget.session_sql())
         await conn.set_type_codec(
             "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
-        return conn
-    except Exception as exc:
-        raise translate(exc, where=f"connecting to {params.describe()}") from exc
+    except BaseException as exc:
+        conn.terminate()
+        if isinstance(exc, Exception):
+            raise translate(exc, closed=conn.is_closed(), where=where) from exc
+        raise
+    return conn
 
 
 def translate(
@@ -96,10 +126,18 @@ def translate(
             return StatementTimeout(f"{prefix}statement timeout: {message}")
         if state in _CONTENTION:
             return Contention(f"{prefix}{message}", reason=_CONTENTION[state])
+        if state == "25006":
+            # A standby, or a primary demoted under us: the next connection finds the primary.
+            return ConnectionLost(f"{prefix}the server is read-only (a standby?): {message}")
+        if state == "08P01" and not any(text in message for text in _POOLER_PASSING):
+            return ConfigError(f"{prefix}{message}")
         if state in _GONE or state.startswith("08"):
             return ConnectionLost(f"{prefix}{message}")
         if state == "22P02" and sql.MOVED in message:
             return Superseded(f"{prefix}{message}: another runner on the same job?")
+        if state in ("26000", "42P05") and "__asyncpg_" in message:
+            # The driver's prepared statements vanished between two statements of one session.
+            return ConfigError(f"{prefix}{message}: the session is shared: {POOLER_HINT}")
         if state.startswith(("22", "23")) or state == "P0001":
             return DataFailure(f"{prefix}{message}")
         if state.startswith("28"):
@@ -109,14 +147,25 @@ def translate(
         if state.startswith("53"):
             return Contention(f"{prefix}{message}", reason="resources")
         return ConfigError(f"{prefix}{message} (SQLSTATE {state})")
+    if isinstance(exc, asyncpg.TargetServerAttributeNotMatched):
+        # Every host answered, none as a primary: a failover in progress, or standbys only.
+        return ConnectionLost(f"{prefix}no server accepts writes (standbys only?)")
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        return ConfigError(f"{prefix}bad connection settings: {exc}")
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+        return ConfigError(f"{prefix}TLS error: the server does not accept TLS (see sslmode)")
+    if isinstance(exc, ssl.SSLError) and not closed and not isinstance(
+        exc, ssl.SSLEOFError | ssl.SSLZeroReturnError
+    ):
+        # A certificate that does not verify (wrong CA, wrong host name), a bad key: the
+        # same on every attempt. A TLS stream cut short is a lost connection (below).
+        return ConfigError(f"{prefix}TLS error: {exc}")
     if closed or isinstance(
         exc,
         OSError | TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError,
     ):
-        if isinstance(exc, ssl.SSLError):
-            return ConfigError(f"{prefix}TLS error: {exc}")
         return ConnectionLost(f"{prefix}{type(exc).__name__}: {exc}".rstrip(": "))
-    if isinstance(exc, asyncpg.ClientConfigurationError | ValueError):
+    if isinstance(exc, ValueError):
         return ConfigError(f"{prefix}bad connection settings: {exc}")
     raise exc
 

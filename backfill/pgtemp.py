@@ -99,17 +99,14 @@ class TempPostgres:
         )
 
     def start(self) -> TempPostgres:
+        """initdb and start, with the binaries in ``bindir`` (found when not given)."""
         self.user = _server_user()
-        bindir = find_bindir()
-        self.root = Path(tempfile.mkdtemp(prefix="backfill-pg-"))
-        if self.user is not None:
-            os.chmod(self.root, 0o755)
-            uid = pwd.getpwnam(self.user).pw_uid
-            os.chown(self.root, uid, -1)
-            if not _readable_by_others(bindir):
-                # Wheel-bundled binaries under a private home: copy them where the user can read.
-                shutil.copytree(bindir.parent, self.root / "pginstall", symlinks=True)
-                bindir = self.root / "pginstall" / "bin"
+        bindir = self.bindir or find_bindir()
+        root = self._make_root("backfill-pg-")
+        if self.user is not None and not _readable_by_others(bindir):
+            # Wheel-bundled binaries under a private home: copy them where the user can read.
+            shutil.copytree(bindir.parent, root / "pginstall", symlinks=True)
+            bindir = root / "pginstall" / "bin"
         self.bindir = bindir
         self._run(
             bindir / "initdb", "-D", self.datadir, "-U", self.superuser, "--auth=trust",
@@ -125,11 +122,43 @@ class TempPostgres:
         self.pg_ctl("start")
         return self
 
+    def _make_root(self, prefix: str) -> Path:
+        self.root = root = Path(tempfile.mkdtemp(prefix=prefix))
+        if self.user is not None:  # as root: the server's files belong to its user
+            os.chmod(root, 0o755)
+            os.chown(root, pwd.getpwnam(self.user).pw_uid, -1)
+        return root
+
+    def standby(self, **settings: str) -> TempPostgres:
+        """Start a streaming standby of this server (``pg_basebackup -R``), which reports its
+        replay position every second."""
+        assert self.bindir is not None
+        standby = TempPostgres(settings=settings, bindir=self.bindir, user=self.user)
+        standby._make_root("backfill-standby-")
+        standby.port = free_port()
+        try:
+            standby._run(
+                self.bindir / "pg_basebackup", "-h", "127.0.0.1", "-p", str(self.port),
+                "-U", self.superuser, "-D", standby.datadir, "-R", "-X", "stream",
+                "-c", "fast", "--no-sync",
+            )
+            conf = {"port": str(standby.port), "unix_socket_directories": f"'{standby.root}'",
+                    "hot_standby": "on", "wal_receiver_status_interval": "1"} | settings
+            with (standby.datadir / "postgresql.conf").open("a") as f:
+                f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+            standby.pg_ctl("start")
+        except BaseException:
+            standby.stop()
+            raise
+        return standby
+
     def pg_ctl(self, action: str, *, mode: str = "fast") -> None:
         assert self.bindir is not None
         args: list[str | Path] = [self.bindir / "pg_ctl", "-D", self.datadir, "-w", "-t", "60"]
         if action == "start":
             args += ["-l", self.datadir / "server.log", "start"]
+        elif action == "promote":
+            args += ["promote"]
         else:
             args += ["-m", mode, action]
         self._run(*args)

@@ -32,7 +32,7 @@ from backfill.errors import (
     Superseded,
 )
 from backfill.job import Job
-from backfill.pg import CLIENT_SLACK, Budget, connect, translate
+from backfill.pg import CLIENT_SLACK, POOLER_HINT, Budget, connect, translate
 from backfill.ranges import WHOLE, Shard
 from backfill.settings import ConnectParams
 from backfill.sql import Target
@@ -63,7 +63,10 @@ def budget_for(job: Job) -> Budget:
 
 
 async def open_connection(params: ConnectParams, job: Job) -> asyncpg.Connection:
-    return await connect(params, budget=budget_for(job), application_name=f"backfill:{job.name}")
+    """A connection for the job, to a server that accepts writes (never a standby)."""
+    return await connect(
+        params, budget=budget_for(job), application_name=f"backfill:{job.name}", writable=True
+    )
 
 
 async def require_state_schema(conn: asyncpg.Connection) -> None:
@@ -118,6 +121,33 @@ async def take_lock(conn: asyncpg.Connection, name: str, *, shard: int = 0, wait
             holder = await _holder(conn, name, shard)
             raise JobBusy(f"job {name} is held by another runner: {holder}")
         await anyio.sleep(min(0.25, wait))
+
+
+async def check_own_backend(
+    conn: asyncpg.Connection, params: ConnectParams, job: Job, lock_pid: int
+) -> None:
+    """Refuse a session that is not the runner's own: behind a pooler in transaction (or
+    statement) mode the lock would stay on a server session that other clients then use.
+
+    Straight to PostgreSQL, the connection's cancel key carries its backend's pid, and that is
+    all. Behind a pooler (its own cancel keys), a second connection must land on another
+    backend, and this one must still be on the lock's: a transaction pooler hands an idle
+    client's backend to the next client, so the second connection lands on the lock's.
+    """
+    if conn.get_server_pid() == lock_pid:
+        return
+    other = await connect(params, budget=budget_for(job), application_name=f"backfill:{job.name}")
+    try:
+        other_pid = await other.fetchval(sql.BACKEND_PID)
+    finally:
+        with anyio.move_on_after(CLOSE_BUDGET, shield=True):
+            await _close(other)
+    if other_pid == lock_pid or await conn.fetchval(sql.BACKEND_PID) != lock_pid:
+        raise ConfigError(
+            f"job {job.name}: the connection goes through a pooler in transaction mode: "
+            f"another client's statements run on the backend holding the job's lock; "
+            f"{POOLER_HINT}"
+        )
 
 
 async def _holder(conn: asyncpg.Connection, name: str, shard: int) -> str:
@@ -423,6 +453,7 @@ class PgConnector:
             target = await catalog.resolve(conn, job)
             await check_fragments(conn, job, target)
             pid = await take_lock(conn, job.name, shard=shard, wait=job.limits.lock_wait)
+            await check_own_backend(conn, self.params, job, pid)
             ckpt = await self._load_or_create(conn, target)
             session = PgSession(conn, job, target, ckpt, pid=pid)
             await session.prepare()

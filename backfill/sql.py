@@ -197,6 +197,7 @@ SELECT to_regclass('{SCHEMA}.controls') IS NOT NULL
 TRY_LOCK = """
 SELECT pg_try_advisory_lock(hashtext('backfill:' || $1), $2) AS locked, pg_backend_pid() AS pid
 """
+BACKEND_PID = "SELECT pg_backend_pid()"
 UNLOCK = "SELECT pg_advisory_unlock(hashtext('backfill:' || $1), $2)"
 LOCK_HOLDER = """
 SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.backend_start

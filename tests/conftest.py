@@ -23,6 +23,9 @@ from backfill.settings import ConnectParams
 
 REPO = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
+# The PostgreSQL the suite runs on: the bin directory of its initdb/pg_ctl (.ci/run runs parts
+# of the suite on each supported major version); unset, the machine's own.
+BINDIR = os.environ.get("BACKFILL_TEST_PG_BINDIR") or None
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +33,14 @@ def anyio_backend() -> str:
     return "asyncio"  # asyncpg is asyncio-only
 
 
+def temp_server(**options: Any) -> TempPostgres:
+    """A test server (not started) on the suite's PostgreSQL (``BACKFILL_TEST_PG_BINDIR``)."""
+    return TempPostgres(fast=True, bindir=Path(BINDIR) if BINDIR else None, **options)
+
+
 @pytest.fixture(scope="session")
 def pg() -> Iterator[TempPostgres]:
-    server = TempPostgres(fast=True).start()
+    server = temp_server().start()
     try:
         create_template(server)
         yield server

@@ -302,8 +302,10 @@ class Kubelet:
 
         # The container's environment: the image's ENV, then the container's env in order
         # (each entry may refer to the ones before it), and nothing from this test process
-        # except PATH (to find the interpreter).
+        # except PATH (to find the interpreter) and PYTHONPATH.
         env: dict[str, str] = {"PATH": os.environ["PATH"], "HOSTNAME": name}
+        if "PYTHONPATH" in os.environ:  # the code under test, when not the installed one
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         env.update({k: v for k, v in self.image.env.items() if k != "PATH"})
         for source in ctr.get("envFrom", []):
             ref = source.get("secretRef") or source.get("configMapRef")
@@ -311,7 +313,8 @@ class Kubelet:
             for k, v in store[ref["name"]].items():
                 env[source.get("prefix", "") + k] = v
         for var in ctr.get("env", []):
-            env[var["name"]] = self._value(var, env, pod_meta)
+            # A path into a mounted volume points at its local copy.
+            env[var["name"]] = self._remap(self._value(var, env, pod_meta), mounts)
 
         command = list(ctr.get("command") or self.image.entrypoint)
         args = list(ctr["args"]) if "args" in ctr else (
@@ -360,6 +363,13 @@ class Kubelet:
                 items = volume["configMap"].get("items") or [{"key": k, "path": k} for k in data]
                 for item in items:
                     (local / item["path"]).write_text(data[item["key"]])
+            elif "secret" in volume:
+                data = self.secrets[volume["secret"]["secretName"]]
+                items = volume["secret"].get("items") or [{"key": k, "path": k} for k in data]
+                for item in items:
+                    path = local / item["path"]
+                    path.write_text(data[item["key"]])
+                    path.chmod(volume["secret"].get("defaultMode", 0o644) & 0o700)
             elif "emptyDir" not in volume:
                 raise AssertionError(f"the kubelet emulation does not mount {volume}")
             out[mount["mountPath"]] = local

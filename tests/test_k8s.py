@@ -210,12 +210,24 @@ def _check_job(job_doc: Doc, docs: tuple[Doc, ...], directory: Path) -> None:
     assert pod["automountServiceAccountToken"] is False
     assert str(pod["securityContext"]["runAsUser"]) == image().user.split(":")[0]
 
-    # The database URL comes from a Secret, and nothing secret is written inline.
+    # The database URL comes from a Secret mounted as a file (read again at each reconnection:
+    # a rotated password is picked up), never from an environment variable; nothing secret is
+    # written inline.
     env = {e["name"]: e for e in ctr.get("env", [])}
-    url = env["BACKFILL_DATABASE_URL"].get("valueFrom", {})
-    assert "secretKeyRef" in url, "the database URL must come from a Secret"
+    assert "BACKFILL_DATABASE_URL" not in env and "DATABASE_URL" not in env
+    url_file = Path(env["BACKFILL_DATABASE_URL_FILE"]["value"])
+    [mount] = [m for m in ctr["volumeMounts"] if Path(m["mountPath"]) == url_file.parent]
+    assert mount.get("readOnly") is True and "subPath" not in mount  # subPath: no refresh
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    assert secret["secretName"] == ("backfill-db" if component == "runner" else "backfill-db-owner")
+    assert {"key": "url", "path": url_file.name} in secret["items"]
+    assert secret["defaultMode"] & 0o007 == 0, "the URL file must not be world-readable"
+    assert secret["defaultMode"] & 0o040 and pod["securityContext"]["fsGroup"] == (
+        pod["securityContext"]["runAsGroup"]), "the runner reads it through the pod's fsGroup"
     for var in ctr.get("env", []):
-        if re.search(r"URL|DSN|PASSWORD|SECRET|TOKEN|^PG", var["name"]):
+        if re.search(r"URL|DSN|PASSWORD|SECRET|TOKEN|^PG", var["name"]) and not (
+                var["name"].endswith("_FILE") and "value" in var):  # a path, checked above
             assert "secretKeyRef" in var.get("valueFrom", {}), f"{var['name']} is not from a Secret"
         assert not _looks_secret(str(var.get("value", ""))), f"{var['name']} holds a credential"
     assert not kinds(docs, "Secret"), "Secrets are created out of band, never rendered from git"

@@ -3,12 +3,7 @@ streaming standby made with pg_basebackup, and a logical slot nobody consumes.""
 
 from __future__ import annotations
 
-import itertools
-import os
-import pwd
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import asyncpg
@@ -16,39 +11,25 @@ import pytest
 
 from backfill import commands, sql
 from backfill.job import parse_job
-from backfill.pgtemp import TempPostgres, free_port
-from tests.conftest import Database, new_database, seed_users, users_job
+from backfill.pgtemp import TempPostgres
+from tests.conftest import Database, new_database, seed_users, temp_server, users_job
 from tests.throttle_support import Watch, install_log, poll, read_log
 
 pytestmark = pytest.mark.anyio
-_names = itertools.count()
 
 
 @pytest.fixture(scope="module")
 def replicated() -> Iterator[tuple[TempPostgres, TempPostgres]]:
     """A primary and a streaming standby that reports its replay position every second."""
-    primary = TempPostgres(settings={"wal_level": "logical", "max_wal_senders": "4",
-                                     "max_replication_slots": "4"}).start()
-    standby = TempPostgres()
+    primary = temp_server(settings={"wal_level": "logical", "max_wal_senders": "4",
+                                    "max_replication_slots": "4"}).start()
     try:
-        standby.user, standby.bindir, standby.port = primary.user, primary.bindir, free_port()
-        standby.root = Path(tempfile.mkdtemp(prefix="backfill-standby-"))
-        if standby.user is not None:  # as root: the server's files belong to its user
-            os.chmod(standby.root, 0o755)
-            os.chown(standby.root, pwd.getpwnam(standby.user).pw_uid, -1)
-        assert standby.bindir is not None
-        standby._run(
-            standby.bindir / "pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port),
-            "-U", primary.superuser, "-D", standby.datadir, "-R", "-X", "stream",
-            "-c", "fast", "--no-sync",
-        )
-        with (standby.datadir / "postgresql.conf").open("a") as f:
-            f.write(f"port = {standby.port}\nunix_socket_directories = '{standby.root}'\n"
-                    "hot_standby = on\nwal_receiver_status_interval = 1\n")
-        standby.pg_ctl("start")
-        yield primary, standby
+        standby = primary.standby()
+        try:
+            yield primary, standby
+        finally:
+            standby.stop()
     finally:
-        standby.stop()
         primary.stop()
 
 
@@ -106,7 +87,7 @@ async def test_slot_lag_holds_the_run_while_a_slot_retains_too_much_wal(
     db = await fresh_database(primary)
     await seed_users(db, "generate_series(1, 4000)")
     await install_log(db)
-    await db.execute("SELECT pg_create_logical_replication_slot('backfill_test', 'test_decoding')")
+    await db.execute("SELECT pg_create_logical_replication_slot('backfill_test', 'pgoutput')")
     job = parse_job(users_job(
         batch={"size": 50, "sleep_seconds": 0.01},
         throttle={"check_every": 0.1, "max_slot_lag_bytes": "64kB"},

@@ -17,7 +17,10 @@ ADMIN_BUDGET = Budget(statement_timeout=30.0, lock_timeout=5.0)
 
 
 async def admin(params: ConnectParams, verb: str) -> asyncpg.Connection:
-    return await connect(params, budget=ADMIN_BUDGET, application_name=f"backfill:{verb}")
+    """A connection for one verb; unreachable is exit 69 (``guard``), not a traceback."""
+    return await guard(
+        connect(params, budget=ADMIN_BUDGET, application_name=f"backfill:{verb}")
+    )
 
 
 async def guard(awaitable: Awaitable[T]) -> T:

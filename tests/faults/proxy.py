@@ -2,7 +2,8 @@
 
 ``latency`` delays every chunk in both directions; ``cut()`` drops every open connection;
 ``refuse()`` stops listening, so new connections get ECONNREFUSED until ``accept()``;
-``blackhole()`` accepts new connections but never forwards a byte (a dead network).
+``blackhole()`` accepts new connections but never forwards a byte (a dead network);
+``retarget(port)`` sends new connections to another server (a stable address after a failover).
 
 Each proxied connection closes both sides as soon as either reaches EOF or fails; a half-open
 pair would leave the client's ``close()`` waiting forever.
@@ -104,6 +105,12 @@ class Proxy:
         if self._listening is None:
             assert self._tg is not None
             await self._tg.start(self._listen)
+
+    def retarget(self, upstream_port: int) -> int:
+        """Forward new connections to another server (a DNS name flipping to a promoted
+        standby) and drop the open ones. Returns how many were dropped."""
+        self.upstream = (self.upstream[0], upstream_port)
+        return self.cut()
 
     def blackhole(self) -> None:
         """Accept new connections but never forward a byte."""

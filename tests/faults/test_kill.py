@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -52,6 +53,20 @@ async def _in_batch(admin: asyncpg.Connection) -> bool:
 async def test_sigkill_loop_then_clean_finish(
     db: Database, admin: asyncpg.Connection, tmp_path: Path, figures: Counter[str]
 ) -> None:
+    await sigkill_loop(db, admin, tmp_path, figures, env=db.env(), gone=_gone)
+
+
+async def sigkill_loop(
+    db: Database,
+    admin: asyncpg.Connection,
+    tmp_path: Path,
+    figures: Counter[str],
+    *,
+    env: dict[str, str],
+    gone: Callable[[asyncpg.Connection, int], Awaitable[bool]],
+) -> None:
+    """The kill loop, the runners connecting with ``env``; ``gone(admin, pid)`` tells when a
+    killed runner's backend can no longer commit anything."""
     await seed_users(db, f"generate_series(1, {ROWS})")
     # where = true: a batch applied twice would leave touched = 2. While killing, a short
     # sleep between batches keeps any one life from finishing the job; the clean finish runs
@@ -67,7 +82,7 @@ async def test_sigkill_loop_then_clean_finish(
     spawned: list[Cli] = []
 
     async def spawn() -> Cli:
-        proc = await Cli(tmp_path, "run", job, env=db.env()).start()
+        proc = await Cli(tmp_path, "run", job, env=env).start()
         spawned.append(proc)
         return proc
 
@@ -84,7 +99,7 @@ async def test_sigkill_loop_then_clean_finish(
         if holder is not None and kind != "start-up":
             # Its backend finishes (commits or rolls back) the batch in flight and exits,
             # which releases the job's lock; only then is progress the next runner's.
-            await eventually(lambda: _gone(admin, holder), within=30)
+            await eventually(lambda: gone(admin, holder), within=30)
 
     try:
         current = await spawn()
@@ -127,7 +142,7 @@ async def test_sigkill_loop_then_clean_finish(
     finally:
         for proc in spawned:
             await proc.aclose()
-    done = await cli(tmp_path, "run", final, env=db.env(), within=120)
+    done = await cli(tmp_path, "run", final, env=env, within=120)
     assert done.code == 0, done.stderr[-2000:]
 
     assert outside_added

@@ -10,103 +10,41 @@
 
 from __future__ import annotations
 
-import os
-import re
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import anyio
-import asyncpg
 import pytest
 
 from backfill.pgtemp import TempPostgres, free_port
-from tests.conftest import REPO, USERS, Database, new_database, users_job, write_job
+from tests.conftest import Database, users_job, write_job
 
+from .credentials import (
+    GRANTS,
+    PASSWORD,
+    ROWS,
+    WRONG,
+    assert_no_secret,
+    bare_database,
+    require_passwords,
+    url,
+)
 from .harness import Cli, cli, exactly_once
-from .sessions import eventually
 
 pytestmark = pytest.mark.anyio
-
-PASSWORD = "Sup3r/s3cret#pw?x@y:z"  # every character a URL treats specially
-WRONG = "Wr0ng/pa55#word"
-ROWS = 2000
-ROLES = ("backfill_runner", "backfill_reader", "backfill_stateless", "backfill_columns")
-
-
-def readme_grants() -> str:
-    """The GRANTs docs/failure-behaviour.md gives the runner role ("Least privilege"), as a
-    template over ``{role}`` (the roles themselves are made here, with a password)."""
-    page = (REPO / "docs" / "failure-behaviour.md").read_text()
-    block = re.search(r"```sql\n(.*?)```", page.split("**Least privilege.**", 1)[1], re.S)
-    assert block, "docs/failure-behaviour.md has no ```sql block after Least privilege"
-    grants = [s.strip() for s in block.group(1).split(";") if s.strip().startswith("GRANT")]
-    assert grants[-1] == "GRANT SELECT, UPDATE ON public.users TO backfill_runner"
-    return ";\n".join(grants).replace("backfill_runner", "{role}") + ";"
-
-
-GRANTS = readme_grants()
 
 
 @pytest.fixture(scope="module")
 def secured(own_pg: TempPostgres) -> Iterator[TempPostgres]:
-    """Password (scram) authentication for the test roles; trust for everyone else."""
-    hba = own_pg.datadir / "pg_hba.conf"
-    line = f"host all {','.join(ROLES)} 127.0.0.1/32 scram-sha-256\n"
-    stat = os.stat(hba)
-    hba.write_text(line + hba.read_text())
-    os.chown(hba, stat.st_uid, stat.st_gid)
-    own_pg.pg_ctl("reload")
-
-    async def roles() -> None:
-        conn = await asyncpg.connect(own_pg.dsn())
-        try:
-            for role in ROLES:
-                await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'")
-        finally:
-            await conn.close()
-
-        async def enforced() -> bool:  # the reload is asynchronous
-            try:
-                c = await asyncpg.connect(own_pg.dsn(user="backfill_runner"))
-            except asyncpg.InvalidPasswordError:
-                return True
-            except asyncpg.InvalidAuthorizationSpecificationError:
-                return True
-            await c.close()
-            return False
-
-        await eventually(enforced, within=10, interval=0.05)
-
-    anyio.run(roles, backend="asyncio")
+    require_passwords(own_pg)
     yield own_pg
 
 
 @pytest.fixture
 async def bare(secured: TempPostgres) -> AsyncIterator[Database]:
-    """A database without the state schema, with public.users owned by the superuser."""
-    db = await new_database(secured, template="template0")
-    await db.execute(USERS)
-    await db.execute(
-        "INSERT INTO users (id, first_name, last_name) "
-        f"SELECT g, 'f' || g, 'l' || g FROM generate_series(1, {ROWS}) g"
-    )
-    yield db
-
-
-def url(db: Database, *, user: str = "backfill_runner", password: str = PASSWORD,
-        port: int | None = None, host: str = "127.0.0.1") -> str:
-    return (f"postgresql://{user}:{quote(password, safe='')}@{host}:{port or db.server.port}"
-            f"/{db.name}")
-
-
-def assert_no_secret(*procs: Cli) -> None:
-    for proc in procs:
-        text = proc.output
-        for secret in (PASSWORD, quote(PASSWORD, safe=""), WRONG, quote(WRONG, safe="")):
-            assert secret not in text, (proc.args, text)
-        assert "postgresql://" not in text, (proc.args, text)
+    yield await bare_database(secured)
 
 
 async def test_least_privilege_role_runs_a_whole_job(bare: Database, tmp_path: Path) -> None:
