@@ -34,7 +34,7 @@ async def measure(
 ) -> None:
     """Run until cancelled."""
     looked = -RECENT
-    hidden_said = False
+    hidden_said = statements_said = False
     while True:
         t = live.knobs.throttle
         if t.max_impact is None:
@@ -57,6 +57,8 @@ async def measure(
                         extra={"job": live.job, "hidden": hidden},
                     )
                 budget.activity(clock(), True if active else None if hidden else False)
+                if not statements_said:
+                    statements_said = await _statements(probe, budget, live.job, clock)
         except Exception as exc:
             if budget.broken is None:
                 log.warning(
@@ -70,3 +72,29 @@ async def measure(
                 log.info("the impact budget measures again", extra={"job": live.job})
                 budget.broken = None
         await anyio.sleep(max(0.0, now + budget.beat_every - clock()))
+
+
+async def _statements(
+    probe: Probe, budget: Budget, job: str, clock: Callable[[], float]
+) -> bool:
+    """Feed a snapshot of ``pg_stat_statements`` to the budget; True once there is something
+    to say for good (it is not installed, or hides other roles' statements, or fails): from
+    then on the canary goes on alone."""
+    try:
+        found = await probe.statements()
+    except Exception as exc:
+        log.warning("the impact budget cannot read pg_stat_statements; the canary decides alone",
+                    extra={"job": job, "error": one_line(exc)})
+        return True
+    if found is None:
+        log.info("pg_stat_statements is not installed; the impact budget's canary decides alone",
+                 extra={"job": job})
+        return True
+    snapshot, hidden = found
+    if hidden and not snapshot:
+        log.warning("pg_stat_statements hides other roles' statements from the runner's role "
+                    "(grant it pg_read_all_stats); the impact budget's canary decides alone",
+                    extra={"job": job, "hidden": hidden})
+        return True
+    budget.statements(clock(), snapshot)
+    return False

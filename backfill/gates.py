@@ -9,6 +9,7 @@ connects lazily: a run without gates that is never paused never opens it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,8 @@ class PgProbe:
         self._conn: asyncpg.Connection | None = None
         # Gates, live control and the impact budget's canary take turns on the connection.
         self._turn = anyio.Lock()
+        self._statements: bool | None = None  # pg_stat_statements installed (None: not asked)
+        self._own: tuple[float, list[int]] = (-math.inf, [])  # when asked, the runner's ids
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -201,6 +204,25 @@ class PgProbe:
                 self._conn = None
             raise
         return time.perf_counter() - start
+
+    async def statements(self) -> tuple[dict[int, tuple[int, float]], int] | None:
+        """``pg_stat_statements``' statements but the runner's own (re-read every 10 s): per
+        queryid its calls and total milliseconds, and how many rows of other roles it hides;
+        None where it is not installed."""
+        if self._statements is None:
+            self._statements = bool((await self._fetchrow(sql.STATEMENTS_INSTALLED))[0])
+        if not self._statements:
+            return None
+        async with self._turn:
+            conn = await self._connection()
+            with anyio.fail_after(self.budget.statement_timeout + 2):
+                if time.monotonic() - self._own[0] > 10:
+                    own = [r[0] for r in await conn.fetch(sql.OWN_STATEMENTS)]
+                    self._own = (time.monotonic(), own)
+                rows = await conn.fetch(sql.STATEMENTS, self._own[1])
+        hidden = int(rows[0]["hidden"]) if rows else 0
+        found = {r["queryid"]: (r["calls"], r["ms"]) for r in rows if r["queryid"] is not None}
+        return found, hidden
 
     async def others(self, within: float) -> tuple[int, int]:
         row = await self._fetchrow(sql.OTHERS, self.application_name, within)

@@ -13,7 +13,9 @@ reads no clock (``backfill.canary`` measures; the governor asks).
   ``POOL`` windows younger than ``AGE``, so it follows the application's day.
 - Impact: for the read and for the write, the latency of the beats of the last ``JUDGE``
   seconds (only those taken ``SETTLE`` after the last change of pace) over the baseline's,
-  each the mean of its slower half (``slow_half``); the larger of the two ratios decides.
+  each the mean of its slower half (``slow_half``); and, where ``pg_stat_statements`` can be
+  read, the application's own statements over the same times (``backfill.statements``). The
+  largest of these ratios decides.
 - Control law: the allowance is a duty cycle ``d`` in ``[FLOOR, 1]``: after a batch of ``t``
   seconds the runner waits ``t (1 - d) / d``. Every ``DECIDE`` seconds, once enough beats
   are in: over budget, ``d`` is cut in proportion to the excess, at most halved per step, and
@@ -34,6 +36,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+
+from backfill.statements import Snapshot, StatementIndex
 
 BEAT = 0.05  # seconds between canary beats (20 a second) ...
 BEAT_MEASURING = 0.025  # ... and during an idle window (the baseline wants many)
@@ -71,8 +75,8 @@ class Beat:
 class Verdict:
     """The latest judgment, for metrics, logs and ``status``."""
 
-    ratio: float  # measured latency over baseline (the larger of read and write)
-    deciding: str  # "read" or "write": which canary latency decided
+    ratio: float  # measured latency over baseline (the largest of the signals)
+    deciding: str  # which decided: the canary's "read" or "write", or "statements"
     current: float  # that latency now (the mean of its slower half), seconds
     baseline: float  # and with the runner idle
 
@@ -96,6 +100,7 @@ class Budget:
     broken: str | None = None  # why the canary cannot measure now (None: it can)
     measuring: tuple[float, float] | None = None  # the idle window under way (start, end)
     _looks: deque[bool | None] = field(default_factory=deque)
+    _statements: StatementIndex = field(default_factory=StatementIndex)
     _beats: deque[Beat] = field(default_factory=deque)
     _windows: deque[tuple[float, list[Beat]]] = field(default_factory=deque)  # (end, beats)
     _work: deque[tuple[float, float]] = field(default_factory=deque)  # (end, seconds)
@@ -133,8 +138,13 @@ class Budget:
         self.others = others
         if arrived:  # a new load: its baseline is not the old one; measure it now, then go
             self._windows.clear()  # on from the last pace that kept within the budget
+            self._statements.forget()
             self._next_window = now
             self._set(min(self._good, 0.5) if self._good else START, now)
+
+    def statements(self, at: float, snapshot: Snapshot) -> None:
+        """A snapshot of the application's statements (``pg_stat_statements``)."""
+        self._statements.snapshot(at, snapshot)
 
     def worked(self, end: float, seconds: float) -> None:
         """A batch (or group) that took ``seconds`` of the runner's time ended at ``end``."""
@@ -185,6 +195,7 @@ class Budget:
             return end - now
         self.measuring = None
         self._windows.append((end, [b for b in self._beats if start + SETTLE <= b.at <= end]))
+        self._statements.window(start + SETTLE, end)
         while len(self._windows) > POOL or self._windows[0][0] < now - AGE:
             self._windows.popleft()
         self._next_window = now + EVERY
@@ -248,6 +259,8 @@ class Budget:
             current = slow_half([getattr(b, side) for b in recent])
             baseline = slow_half([getattr(b, side) for b in base])
             ratios.append((current / max(baseline, 1e-6), side, current, baseline))
+        if (index := self._statements.index(since)) is not None:
+            ratios.append((index.ratio, "statements", index.current, index.baseline))
         ratio, side, current, baseline = max(ratios)
         return Verdict(ratio=ratio, deciding=side, current=current, baseline=baseline)
 

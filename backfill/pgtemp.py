@@ -51,6 +51,14 @@ def find_bindir() -> Path:
     )
 
 
+def has_module(bindir: Path, name: str) -> bool:
+    """Whether a contrib module (e.g. pg_stat_statements, from postgresql-contrib) is there."""
+    return any(
+        (lib / f"{name}.so").exists()
+        for lib in (bindir.parent / "lib", bindir.parent / "lib" / "postgresql")
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -633,6 +633,21 @@ FROM pg_stat_activity
 WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
   AND application_name IS DISTINCT FROM $1
 """
+# The application's statements, for the impact budget: pg_stat_statements where installed
+# (PostgreSQL 14+ columns), but the runner's own ($1) and the rows of roles this one may not
+# see (their queryid is NULL: `hidden` counts them).
+STATEMENTS_INSTALLED = "SELECT to_regprocedure('pg_stat_statements(boolean)') IS NOT NULL"
+STATEMENTS = """
+SELECT queryid, sum(calls)::int8 AS calls, sum(total_exec_time)::float8 AS ms,
+       sum(count(*) FILTER (WHERE queryid IS NULL)) OVER () AS hidden
+FROM pg_stat_statements(false)
+WHERE toplevel AND (queryid IS NULL OR queryid <> ALL($1::int8[]))
+GROUP BY queryid
+"""
+OWN_STATEMENTS = """
+SELECT DISTINCT queryid FROM pg_stat_statements(true)
+WHERE queryid IS NOT NULL AND query ~ '(backfill[._]|pg_stat_statements|pg_stat_activity)'
+"""
 # Active client sessions on this database other than the runner's own ($1: its
 # application_name); `hidden` counts sessions whose state the role may not read.
 ACTIVE_SESSIONS = """

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from backfill import sql
-from backfill.pgtemp import TempPostgres, find_bindir
+from backfill.pgtemp import TempPostgres, find_bindir, has_module
 
 RUN_DB = "bench"
 # Durable like production (fsync, synchronous_commit and full_page_writes stay on); a cache that
@@ -50,14 +50,6 @@ DENSE = "g"
 SPARSE = "g * 1000 + (g * 7919) % 997 + CASE WHEN g > $1 / 2 THEN 1000000000000 ELSE 0 END"
 # Only 1% of the rows still need the change.
 ONE_PERCENT = "CASE WHEN g % 100 = 0 THEN NULL ELSE 'done ' || g END"
-
-
-def has_module(bindir: Path, name: str) -> bool:
-    """Whether a contrib module (e.g. pg_stat_statements, from postgresql-contrib) is there."""
-    return any(
-        (lib / f"{name}.so").exists()
-        for lib in (bindir.parent / "lib", bindir.parent / "lib" / "postgresql")
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ import pytest
 
 from backfill import impact
 from backfill.impact import Beat, Budget
+from backfill.statements import StatementIndex
 
 BATCH = 0.005  # seconds a batch takes
 ACTIVITY_EVERY = 0.25
@@ -231,3 +232,44 @@ def test_a_live_retune_forgets_what_was_learnt() -> None:
     b._bad, b._good = 0.5, 0.3
     b.retune(1.1)
     assert (b.limit, b._bad, b._good) == (1.1, None, None)
+
+
+def test_the_statement_index_weighs_by_the_baseline_mix() -> None:
+    idx = StatementIndex()
+    # Baseline window: q1 takes 1 ms, q2 10 ms; q1 is called 9 times as often.
+    idx.snapshot(0.0, {1: (0, 0.0), 2: (0, 0.0)})
+    idx.snapshot(0.5, {1: (90, 90.0), 2: (10, 100.0)})
+    idx.window(0.0, 0.6)
+    assert idx.index(0.4) is None  # one snapshot since: nothing to compare yet
+    # Lately q1 runs at 1.5 ms and q2 as before, and the mix moved to q2: the index is the
+    # baseline-weighted 0.9 x 1.5 + 0.1 x 1.0, not a mean moved by the mix.
+    idx.snapshot(1.0, {1: (100, 100.0), 2: (10, 100.0)})
+    idx.snapshot(2.0, {1: (160, 190.0), 2: (70, 700.0), 3: (500, 5.0)})
+    found = idx.index(0.9)
+    assert found is not None
+    assert found.ratio == pytest.approx(0.9 * 1.5 + 0.1 * 1.0)
+    assert found.baseline == pytest.approx((0.9 * 1.0 + 0.1 * 10.0) / 1000)
+    # A statement evicted and back (its counters restarted) is left out.
+    idx.snapshot(3.0, {1: (200, 250.0), 2: (5, 50.0)})
+    assert idx.index(1.5) is None  # q2 restarted: q1 alone has too few calls
+    idx.forget()
+    assert idx.index(0.0) is None
+
+
+def test_statements_join_the_verdict_and_can_decide() -> None:
+    b = Budget(limit=1.2, others=True)
+    b.statements(0.35, {1: (0, 0.0)})
+    for i in range(30):
+        b.beat(Beat(0.3 + 0.02 * i, 0.001, 0.002))
+    b.statements(0.9, {1: (1000, 1000.0)})
+    b.measuring = (0.0, 1.0)
+    b.hold(1.0)
+    for i in range(40):  # the canary sees nothing, the statements run 3x slower
+        b.beat(Beat(1.5 + 0.05 * i, 0.001, 0.002))
+    b.statements(1.5, {1: (1000, 1000.0)})
+    b.statements(3.4, {1: (2000, 4000.0)})
+    b._decided = -1.0
+    b.pause(3.5, BATCH)
+    assert b.verdict is not None and b.verdict.deciding == "statements"
+    assert b.verdict.ratio == pytest.approx(3.0)
+    assert b.duty == pytest.approx(impact.START * 0.5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +17,17 @@ from backfill import commands
 from backfill.checkpoint import BatchResult
 from backfill.gates import PgProbe
 from backfill.job import parse_job
+from backfill.pgtemp import TempPostgres, find_bindir, has_module
 from backfill.protocols import Pause
-from tests.conftest import Database, eventually, seed_users, users_job
+from tests.conftest import (
+    Database,
+    create_template,
+    eventually,
+    new_database,
+    seed_users,
+    temp_server,
+    users_job,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -159,3 +169,45 @@ async def test_a_canary_that_cannot_write_holds_the_run_unless_ignored(db: Datab
         with anyio.fail_after(60):
             ckpt = await commands.run(budget_job(), db.params, observers=[pace])
     assert ckpt.state == "succeeded" and ckpt.rows_updated == 20000
+
+
+@pytest.fixture(scope="module")
+def statements_pg() -> Iterator[TempPostgres]:
+    """A server with pg_stat_statements loaded (the shared one does without)."""
+    server = temp_server(settings={"shared_preload_libraries": "'pg_stat_statements'"})
+    if not has_module(server.bindir or find_bindir(), "pg_stat_statements"):
+        pytest.skip("pg_stat_statements is not installed (postgresql-contrib)")
+    server.start()
+    try:
+        create_template(server)
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_the_probe_reads_the_applications_statements_but_its_own(
+    statements_pg: TempPostgres,
+) -> None:
+    db = await new_database(statements_pg)
+    await db.execute("CREATE EXTENSION pg_stat_statements")
+    job = budget_job()
+    probe = PgProbe(db.params, job)
+    app = await db.connect()
+    try:
+        await probe.beat((None, 1.2, 1.0, None, None, None))
+        first = await probe.statements()
+        assert first is not None
+        for _ in range(20):
+            await app.fetchval("SELECT count(*) FROM pg_class WHERE relpages > $1", 0)
+        found = await probe.statements()
+        assert found is not None
+        snapshot, hidden = found
+        assert hidden == 0  # a superuser sees every role's statements
+        before = first[0]
+        grown = [q for q, (calls, _) in snapshot.items() if calls - before.get(q, (0, 0))[0] >= 20]
+        assert len(grown) == 1  # the application's query, not the canary's or the probe's
+        own = await db.fetch("SELECT queryid FROM pg_stat_statements WHERE query ~ 'backfill[.]'")
+        assert own and not {r["queryid"] for r in own} & set(snapshot)
+    finally:
+        await app.close()
+        await probe.aclose()
