@@ -70,6 +70,14 @@ def settled(
     inside = [(t, v) for t, v in series if start <= t <= end and v is not None]
     for i, (t, _) in enumerate(inside):
         ahead = [v for u, v in inside[i:] if u <= min(t + hold, end)]
-        if ahead and max(ahead) <= limit:
+        if max(ahead) <= limit:
             return t - start
     return None
+
+
+def share_within(
+    series: Sequence[tuple[float, float | None]], *, start: float, end: float, limit: float
+) -> float | None:
+    """The share of the known values of ``series`` in ``[start, end]`` at or under ``limit``."""
+    known = [v for t, v in series if start <= t <= end and v is not None]
+    return sum(v <= limit for v in known) / len(known) if known else None
