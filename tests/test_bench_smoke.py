@@ -46,6 +46,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         assert {"baseline", "update", "do-block", "runner-1000"} <= set(effect[kind])
         assert effect[kind]["baseline"]["pgbench"]["transactions"] > 0
         assert effect[kind]["runner-1000"]["writer"]["writes"] > 0
+        assert "runner-impact" in effect[kind] or "runner-impact" in results["unavailable"]
 
     growth = results["growth"]
     assert growth["dense"]["rows"] == rows
@@ -83,9 +84,10 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         assert measured["pgbench"]["transactions"] > 0
         assert measured["pgbench"]["lag_p99_ms"] is not None
         assert measured["backfill"]["rows"] > 0
-    for section in (step, loop):  # the budget: measured, or unavailable with why
+    for section in (step, loop):  # the budget: measured (a window this short may end while it
+        # still measures its baseline), or unavailable with why
         budget = section.get("runs", {}).get("runner-impact", {"unavailable": "n/a"})
-        assert "unavailable" in budget or budget["backfill"]["rows"] > 0
+        assert "unavailable" in budget or budget["backfill"]["exit_code"] in (0, 75, -15), budget
 
     assert {t["target"] for t in results["targets"]}
     assert any(t["target"].startswith("fast path:") for t in results["targets"])
