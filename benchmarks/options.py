@@ -53,7 +53,7 @@ class Options:
     step_baseline: float = 5.0
     """pgbench alone before each load step: the p99 it must come back within 1.3x of."""
     step_sample: float = 0.25
-    """How often the load step reads the runner's progress from its checkpoint."""
+    """The load step's progress series: the rows every ``step_sample`` seconds."""
     capacity_seconds: float = 5.0
     """The closed-loop pgbench run that measures the server's capacity for the open loop."""
     open_fraction: float = 0.5

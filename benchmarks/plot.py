@@ -21,6 +21,7 @@ def load_step(step: dict[str, Any], path: Path) -> dict[str, Any]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return {"unavailable": "matplotlib is not installed (pip install -e '.[bench]')"}
     fig, (rows, p99) = plt.subplots(2, 1, sharex=True, figsize=(9, 6), constrained_layout=True)
@@ -44,6 +45,9 @@ def load_step(step: dict[str, Any], path: Path) -> dict[str, Any]:
     p99.legend(loc="upper right", fontsize="small")
     rows.set_ylim(bottom=0)
     p99.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    p99.yaxis.set_major_formatter(plain)
+    p99.yaxis.set_minor_formatter(plain)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

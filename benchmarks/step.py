@@ -5,7 +5,9 @@ unthrottled, and with the impact budget. Before each, pgbench runs alone (its ba
 The step starts when the run's first batch has committed: off ``step_phases[0]`` s, pgbench on
 ``step_phases[1]`` s, off ``step_phases[2]`` s, then the run is stopped (SIGTERM). Measured:
 
-- progress: the checkpoint's ``rows_updated`` every ``step_sample`` s, so rows/s in each phase;
+- progress: the checkpoint's ``rows_updated`` at every batch, logged by a trigger on the
+  checkpoint (no session polls it: the budget would count that session as an application at
+  work), on a grid of ``step_sample`` s; so rows/s in each phase;
 - pgbench's per-transaction log: when the load really came on and went off (its first
   transaction's start, its last one's end) and its p99 over a sliding 1 s window (every
   0.1 s), so how soon after the load comes on that p99 is back within 1.3x of the baseline (and
@@ -21,7 +23,6 @@ import time
 from typing import Any
 
 import anyio
-import asyncpg
 
 from backfill import sql
 from benchmarks import impact, load, plot, runner, series
@@ -35,7 +36,23 @@ KIND = "tpcb-like"
 WINDOW, EVERY, MIN_COUNT = 1.0, 0.1, 20  # the sliding p99: width, step, fewest transactions
 HOLD = 2.0  # back within: the sliding p99 then stays within for this long
 FIRST_BATCH_WAIT = 30.0  # a run that has not committed a batch by then starts the step anyway
-ROWS = f"SELECT rows_updated FROM {sql.SCHEMA}.checkpoints WHERE job = $1 AND shard = 0"
+# The run's progress, logged by the server at every batch: a session polling the checkpoint
+# would be "another session at work" to the impact budget, which would then hold back.
+FIRST_BATCH = "bench_first_batch"
+PROGRESS = f"""
+CREATE TABLE public.bench_progress (at float8 NOT NULL, rows int8 NOT NULL);
+CREATE FUNCTION public.bench_progress() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.bench_progress
+    VALUES (extract(epoch FROM clock_timestamp()), NEW.rows_updated);
+    IF OLD.batches = 0 THEN
+        PERFORM pg_notify('{FIRST_BATCH}', '');
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER bench_progress AFTER UPDATE ON {sql.SCHEMA}.checkpoints
+FOR EACH ROW WHEN (NEW.batches <> OLD.batches) EXECUTE FUNCTION public.bench_progress()"""
+PROGRESS_LOG = "SELECT at, rows FROM public.bench_progress ORDER BY at"
 
 
 async def load_step(bench: Bench, opts: Options) -> dict[str, Any]:
@@ -55,9 +72,10 @@ async def load_step(bench: Bench, opts: Options) -> dict[str, Any]:
                 continue
             await bench.reset("step")
             out["runs"][name] = measured = await _one(bench, binary, opts, fields, name)
+            rates = measured["rows_per_second"]
             log.info(
-                f"step {name}: off {measured['rows_per_second']['off']:,.0f} rows/s, on "
-                f"{measured['rows_per_second']['on'] or 0:,.0f}; p99 on "
+                f"step {name}: off {rates['off'] or 0:,.0f} rows/s, on "
+                f"{rates['on'] or 0:,.0f}; p99 on "
                 f"{measured['pgbench_on']['p99_ms']} ms (baseline "
                 f"{measured['baseline']['p99_ms']}), back within in {measured['recovery_seconds']}"
             )
@@ -80,33 +98,23 @@ async def _one(
     )
     off_before, on, off_after = opts.step_phases
     pgbench = load.Pgbench(binary, KIND, opts.pgbench_clients, ("-T", load.whole_seconds(on)))
-    stop, ended, moving = threading.Event(), anyio.Event(), anyio.Event()
-    progress: list[series.Point] = []
+    stop, moving = threading.Event(), anyio.Event()
     done: dict[str, Any] = {}
 
     async def backfill() -> None:
         try:
             done["sample"] = await runner.cli_run(bench, fields, name, stop=stop)
         finally:
-            ended.set()
             moving.set()
 
-    async def sample(conn: asyncpg.Connection) -> None:
-        while True:
-            rows = float(await conn.fetchval(ROWS, runner.JOB) or 0)
-            progress.append((time.time(), rows))
-            if rows > 0:
-                moving.set()
-            if ended.is_set():
-                return
-            with anyio.move_on_after(opts.step_sample):
-                await ended.wait()
+    def first_batch(*_: object) -> None:
+        moving.set()
 
-    conn = await bench.connect()
+    await bench.conn.execute(PROGRESS)
+    await bench.conn.add_listener(FIRST_BATCH, first_batch)  # LISTEN, before the run starts
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(backfill)
-            tg.start_soon(sample, conn)
             with anyio.move_on_after(FIRST_BATCH_WAIT):
                 await moving.wait()
             started = time.time()
@@ -118,14 +126,14 @@ async def _one(
                 stopped = time.time()
                 stop.set()
     finally:
-        await conn.close()
+        await bench.conn.remove_listener(FIRST_BATCH, first_batch)
+    log_ = [(float(r["at"]), float(r["rows"])) for r in await bench.conn.fetch(PROGRESS_LOG)]
+    progress = _grid(log_, started, stopped, opts.step_sample)
     transactions = pgbench.transactions()
     t_on = min((end - ms / 1000 for end, ms, _ in transactions), default=stopped)
     t_off = max((end for end, _, _ in transactions), default=stopped)
     loaded = pgbench.window(t_on, t_off)
     pgbench.clean()
-    if progress and progress[-1][0] < stopped:  # the run ended first: the table ran out
-        progress.append((stopped, progress[-1][1]))
     points = [(end, ms) for end, ms, _ in transactions]
     measured = _measure(progress, points, baseline, (started, t_on, t_off, stopped))
     return measured | {
@@ -134,6 +142,23 @@ async def _one(
         "exhausted": done["sample"].completed,
         "backfill": done["sample"].as_dict(),
     }
+
+
+def _grid(
+    log_: list[series.Point], started: float, stopped: float, every: float
+) -> list[series.Point]:
+    """The logged progress every ``every`` seconds from ``started`` to ``stopped``; after the
+    run's last batch (it was stopped, or the table ran out) the rows stay where they are."""
+    if not log_:
+        return []
+    times = [started + n * every for n in range(int((stopped - started) / every) + 1)]
+    grid: list[series.Point] = []
+    for t in [*[t for t in times if t < stopped], stopped]:
+        value = series.at(log_, t)
+        if value is None:  # before the first batch, or after the last
+            value = log_[0][1] if t < log_[0][0] else log_[-1][1]
+        grid.append((t, value))
+    return grid
 
 
 def _measure(
