@@ -6,7 +6,7 @@ PYTHON ?= python3
 test:
 	$(PYTHON) -m pytest
 
-# The whole benchmark (1M rows, ~13 min on 2 cores): benchmarks/results/latest.json, tables on stdout.
+# The whole benchmark (1M rows, ~21 min on 2 cores): benchmarks/results/latest.json, tables on stdout.
 bench:
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 

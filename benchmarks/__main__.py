@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 
 from benchmarks import report
-from benchmarks.options import SECTIONS, Options
+from benchmarks.options import ALIASES, SECTIONS, Options
 from benchmarks.suite import run_suite
 
 # Where --readme pastes the tables (the name stays: it is what the docs and habits call it).
@@ -30,8 +30,13 @@ def parse(argv: list[str]) -> tuple[Options, bool]:
                    help="repetitions of each throughput scenario (default 3)")
     p.add_argument("--load-seconds", type=float, default=defaults.load_seconds,
                    help="length of each effect-on-others window (default 6)")
+    p.add_argument("--pairs", type=int, default=defaults.pairs,
+                   help="paired repetitions of the fast path (default 5)")
+    p.add_argument("--step-rows", type=int, default=defaults.step_rows,
+                   help="rows of the load step's table (default 8M: outlasts the step)")
     p.add_argument("--only", default=",".join(SECTIONS),
-                   help=f"comma-separated sections to run: {', '.join(SECTIONS)}")
+                   help=f"comma-separated sections to run: {', '.join(SECTIONS)}; "
+                        + "; ".join(f"{k} = {','.join(v)}" for k, v in ALIASES.items()))
     p.add_argument("--scenarios", default="",
                    help="comma-separated scenario names to run (default: all), e.g. "
                         "procedure-1000,runner-1000")
@@ -42,12 +47,11 @@ def parse(argv: list[str]) -> tuple[Options, bool]:
                    help="also paste the tables into docs/performance.md between the benchmark "
                         "markers")
     a = p.parse_args(argv)
-    sections = tuple(s.strip() for s in a.only.split(",") if s.strip())
-    if unknown := set(sections) - set(SECTIONS):
-        p.error(f"unknown section(s): {', '.join(sorted(unknown))}")
-    if a.repeat < 1 or a.rows < 1 or a.big_rows < 0:
-        p.error("--repeat and --rows must be positive, --big-rows at least 0")
-    opts = Options(rows=a.rows, big_rows=a.big_rows, repeat=a.repeat,
+    sections = _sections(p, a.only)
+    if a.repeat < 1 or a.rows < 1 or a.big_rows < 0 or a.pairs < 1 or a.step_rows < 1:
+        p.error("--repeat, --pairs, --rows and --step-rows must be positive, --big-rows at least 0")
+    opts = Options(rows=a.rows, big_rows=a.big_rows, repeat=a.repeat, pairs=a.pairs,
+                   step_rows=a.step_rows,
                    load_seconds=a.load_seconds, sections=sections, out=a.out,
                    scenarios=tuple(s.strip() for s in a.scenarios.split(",") if s.strip()))
     if a.smoke:
@@ -55,6 +59,15 @@ def parse(argv: list[str]) -> tuple[Options, bool]:
     if a.readme and a.smoke:
         p.error("--readme with --smoke would publish meaningless numbers")
     return opts, a.readme
+
+
+def _sections(p: argparse.ArgumentParser, only: str) -> tuple[str, ...]:
+    """The sections ``--only`` names (aliases expanded), in the order of SECTIONS."""
+    names = {s.strip() for s in only.split(",") if s.strip()}
+    expanded = set().union(*(ALIASES.get(n, (n,)) for n in names)) if names else set()
+    if unknown := expanded - set(SECTIONS):
+        p.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    return tuple(s for s in SECTIONS if s in expanded)
 
 
 def paste(page: Path, table: str) -> bool:

@@ -1,4 +1,5 @@
-"""Run one command and write its exit code, wall seconds and peak RSS (KB) to a file.
+"""Run one command and write its exit code, wall seconds, peak RSS (KB), the epoch second it
+was started at and the CPU seconds it used (user + system, from its rusage) to a file.
 
 Usage: ``python3 -S launch.py OUT COMMAND...``. SIGTERM is passed on to the command.
 
@@ -29,6 +30,7 @@ def main() -> int:
             stop.append(signum)
 
     signal.signal(signal.SIGTERM, forward)
+    started = time.time()  # the same clock as the server's clock_timestamp() on this machine
     t0 = time.perf_counter()
     proc = subprocess.Popen(command)
     child.append(proc)
@@ -39,7 +41,8 @@ def main() -> int:
     child.clear()  # reaped: never signal its pid again
     proc.returncode = os.waitstatus_to_exitcode(status)
     with open(out, "w") as f:
-        f.write(f"{proc.returncode} {seconds} {usage.ru_maxrss}\n")
+        cpu = usage.ru_utime + usage.ru_stime
+        f.write(f"{proc.returncode} {seconds} {usage.ru_maxrss} {started} {cpu}\n")
     return 0
 
 

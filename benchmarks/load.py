@@ -43,6 +43,9 @@ def pgbench_binary(bench: Bench) -> str | None:
 
 
 async def init_pgbench(bench: Bench, binary: str, scale: int) -> None:
+    """pgbench's database and tables, once (every section that loads the server shares them)."""
+    if await bench.admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", PGBENCH_DB):
+        return
     await bench.admin.execute(f"CREATE DATABASE {PGBENCH_DB}")
     await anyio.run_process(
         [binary, *_conn_args(bench), "-i", "-q", "-s", str(scale), PGBENCH_DB], check=True
@@ -59,10 +62,15 @@ class Pgbench:
     kind: str
     clients: int
     segment: tuple[str, str]
+    rate: float | None = None
+    """An open loop: a fixed arrival rate (``-R``, transactions per second in all); each
+    logged latency then counts from the scheduled start, so it includes the schedule lag."""
     logs: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bench-pgbench-")))
 
     def command(self, bench: Bench, n: int) -> list[str]:
         mode = ["-S"] if self.kind == "select-only" else []
+        if self.rate is not None:
+            mode += ["-R", f"{self.rate:.1f}"]
         return [
             self.binary, *_conn_args(bench), *mode, "-n", "-M", "prepared",
             "-c", str(self.clients), "-j", str(min(self.clients, 2)), *self.segment,
@@ -76,27 +84,37 @@ class Pgbench:
             await anyio.run_process(self.command(bench, n), check=True)
             n += 1
 
-    def window(self, t0: float, t1: float) -> dict[str, Any]:
-        """TPS and latency of the transactions that ended inside [t0, t1] (epoch seconds)."""
-        latencies: list[float] = []
+    def transactions(self) -> list[tuple[float, float, float | None]]:
+        """Every logged transaction: (end, epoch seconds; latency ms; schedule lag ms, with
+        ``rate`` only), in the order of their ends."""
+        found: list[tuple[float, float, float | None]] = []
         for path in self.logs.iterdir():
             for line in path.read_text().splitlines():
                 f = line.split()
                 try:
                     end = int(f[4]) + int(f[5]) / 1e6
                     latency = int(f[2]) / 1000
+                    lag = int(f[6]) / 1000 if self.rate is not None else None
                 except (IndexError, ValueError):
                     continue  # a failed or skipped transaction
-                if t0 <= end <= t1:
-                    latencies.append(latency)
+                found.append((end, latency, lag))
+        return sorted(found)
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """TPS and latency of the transactions that ended inside [t0, t1] (epoch seconds)."""
+        inside = [t for t in self.transactions() if t0 <= t[0] <= t1]
+        latencies = [latency for _, latency, _ in inside]
         seconds = max(t1 - t0, 1e-9)
-        return {
+        measured = {
             "tps": len(latencies) / seconds,
             "p50_ms": percentile(latencies, 50),
             "p99_ms": percentile(latencies, 99),
             "transactions": len(latencies),
             "seconds": seconds,
         }
+        if self.rate is not None:
+            measured["lag_p99_ms"] = percentile([lag or 0.0 for *_, lag in inside], 99)
+        return measured
 
     def clean(self) -> None:
         shutil.rmtree(self.logs, ignore_errors=True)
@@ -187,3 +205,54 @@ async def under_load(
     }
     pgbench.clean()
     return result, effect
+
+
+def whole_seconds(value: float) -> str:
+    """A duration for pgbench's ``-T``, which takes whole seconds."""
+    return str(max(1, round(value)))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def pooled(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """All idle baselines of one load together: TPS over their total time, latency
+    percentiles averaged, the writer's worst."""
+    runs = [w["pgbench"] for w in windows]
+    seconds = sum(b["seconds"] for b in runs)
+    writer = [w["writer"] for w in windows]
+    found = {
+        "pgbench": {
+            "tps": sum(b["transactions"] for b in runs) / seconds if seconds else 0.0,
+            "p50_ms": _mean([b["p50_ms"] for b in runs]),
+            "p99_ms": _mean([b["p99_ms"] for b in runs]),
+            "transactions": sum(b["transactions"] for b in runs),
+            "seconds": seconds,
+        },
+        "writer": {
+            "writes": sum(w["writes"] for w in writer),
+            "p50_ms": _mean([w["p50_ms"] for w in writer]),
+            "p99_ms": _mean([w["p99_ms"] for w in writer]),
+            "max_ms": max((w["max_ms"] or 0 for w in writer), default=None),
+        },
+    }
+    if any("lag_p99_ms" in b for b in runs):
+        found["pgbench"]["lag_p99_ms"] = _mean([b.get("lag_p99_ms") for b in runs])
+    return found
+
+
+async def alone(
+    bench: Bench, binary: str, kind: str, clients: int, *, seconds: float, warmup: float
+) -> dict[str, Any]:
+    """pgbench (closed loop) with nothing else running, measured after ``warmup`` seconds."""
+    pgbench = Pgbench(binary, kind, clients, ("-T", whole_seconds(warmup + seconds)))
+    try:
+        await anyio.run_process(pgbench.command(bench, 0), check=True)
+        transactions = pgbench.transactions()
+        first = min((end - ms / 1000 for end, ms, _ in transactions), default=0.0)
+        last = max((end for end, _, _ in transactions), default=0.0)
+        return pgbench.window(first + warmup, last)
+    finally:
+        pgbench.clean()

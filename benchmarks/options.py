@@ -6,7 +6,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("throughput", "effect", "growth")
+SECTIONS = ("throughput", "effect", "growth", "fastpath", "step", "open-loop")
+# Names for several sections: issue 10's impact budget is measured by the effect table's
+# steady loads (its row next to the fixed configurations), the load step and the open loop.
+ALIASES = {"impact": ("effect", "step", "open-loop")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,26 @@ class Options:
     """Only the scenarios with these names (all when empty)."""
     loaded_scenarios: tuple[str, ...] = ()
     """Only these of them under load (all that apply when empty)."""
+    pairs: int = 5
+    """Paired, interleaved whole-process repetitions of the fast path (runner and procedure,
+    uvloop and not, and a run with nothing to do)."""
+    help_runs: int = 7
+    """``backfill --help`` timings (the median is reported)."""
+    max_impact: str = "20%"
+    """The impact budget (``[throttle] max_impact``) of the budget's scenarios."""
+    step_rows: int = 8_000_000
+    """Rows of the load step's table: enough that an unthrottled run outlasts the step."""
+    step_phases: tuple[float, float, float] = (10.0, 15.0, 10.0)
+    """The load step: pgbench off, on (closed loop), off, while one run goes on (seconds)."""
+    step_baseline: float = 5.0
+    """pgbench alone before each load step: the p99 it must come back within 1.3x of."""
+    step_sample: float = 0.25
+    """The load step's progress series: the rows every ``step_sample`` seconds."""
+    capacity_seconds: float = 5.0
+    """The closed-loop pgbench run that measures the server's capacity for the open loop."""
+    open_fraction: float = 0.5
+    """The open loop's fixed arrival rate, as a fraction of the measured capacity."""
+    open_kind: str = "tpcb-like"
     out: Path = RESULTS / "latest.json"
     smoke: bool = False
 
@@ -51,9 +74,18 @@ class Options:
             idle_seconds=0.5,
             load_kinds=self.load_kinds[-1:],
             # The other runner scenarios take the same code path under load.
-            loaded_scenarios=("update", "do-block", f"runner-{self.batch_sizes[0]}"),
+            loaded_scenarios=(
+                "update", "do-block", f"runner-{self.batch_sizes[0]}", "runner-impact",
+            ),
             warmup=0.1,
             pgbench_scale=1,
             pgbench_segment=("-t", "20"),
+            pairs=1,
+            help_runs=2,
+            step_rows=min(self.step_rows, 20_000),
+            step_phases=(1.0, 1.0, 1.0),
+            step_baseline=0.5,
+            step_sample=0.1,
+            capacity_seconds=1.0,
             smoke=True,
         )

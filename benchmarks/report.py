@@ -5,6 +5,10 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from benchmarks import report_fastpath, report_impact
+from benchmarks.bars import bar
+from benchmarks.bars import num as _num
+from benchmarks.bars import x as _x
 from benchmarks.stats import ratio
 
 RSS_LIMIT_MB = 80.0
@@ -33,9 +37,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
     def add(name: str, measured: float | None, limit: float, *, at_most: bool, text: str) -> None:
-        met = None if measured is None else (measured <= limit if at_most else measured >= limit)
-        out.append({"target": name, "measured": measured, "limit": limit, "met": met,
-                    "text": text if measured is not None else "not measured"})
+        out.append(bar(name, measured, limit, at_most=at_most, text=text))
 
     sizes = results["meta"]["options"]["batch_sizes"]
     for size, limit in zip(sizes, (0.90, 0.95), strict=False):
@@ -74,7 +76,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     growth = ratio(big, small)
     add("runner RSS flat (larger table / smaller <= 1.1)", growth, 1.1, at_most=True,
         text=_x(growth))
-    return out
+    return out + report_fastpath.targets(results) + report_impact.targets(results)
 
 
 def _rss(results: dict[str, Any]) -> tuple[float | None, float | None]:
@@ -83,14 +85,6 @@ def _rss(results: dict[str, Any]) -> tuple[float | None, float | None]:
     small = max((s["rss_mb"] for s in samples if s.get("rss_mb")), default=None)
     big = results.get("growth", {}).get("big", {}).get("rss_mb")
     return small, big
-
-
-def _x(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
-
-
-def _num(value: float | None, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
 def _rows(n: int) -> str:
@@ -119,6 +113,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += _throughput(results)
     lines += _effect(results)
     lines += _growth(results)
+    lines += report_fastpath.markdown(results)
+    lines += report_impact.markdown(results)
     lines += ["| target | measured | met |", "| --- | --- | --- |"]
     for t in results.get("targets", []):
         met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]

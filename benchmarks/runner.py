@@ -40,8 +40,10 @@ def job_fields(
     sleep_ratio: float = 0.0,
     batch: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
+    throttle: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A job over the benchmark's table; ``batch`` and ``limits`` add or override fields."""
+    """A job over the benchmark's table; ``batch``, ``limits`` and ``throttle`` add or override
+    fields."""
     batch = {"size": size, "max_size": max(size, 100_000), **(batch or {})}
     if sleep_seconds:
         batch["sleep_seconds"] = sleep_seconds
@@ -57,7 +59,8 @@ def job_fields(
         "where": WHERE,
         "batch": batch,
     }
-    return job | ({"limits": limits} if limits else {})
+    tables = {"limits": limits, "throttle": throttle}
+    return job | {name: table for name, table in tables.items() if table}
 
 
 def supported(fields: dict[str, Any]) -> str | None:
@@ -93,9 +96,13 @@ class Process:
     seconds: float
     max_rss_mb: float | None
     stderr: str
+    started_at: float | None = None
+    """Epoch seconds when the launcher started the command (the server's clock is the same)."""
+    cpu_seconds: float | None = None
+    """User + system CPU of the command (its rusage)."""
 
 
-def _cli_env(dsn: str) -> dict[str, str]:
+def cli_env(dsn: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "BACKFILL_"))}
     env.pop("DATABASE_URL", None)
     env["BACKFILL_DATABASE_URL"] = dsn
@@ -106,32 +113,47 @@ def _cli_env(dsn: str) -> dict[str, str]:
 LAUNCH = Path(__file__).resolve().with_name("launch.py")
 
 
-def _spawn(args: list[str], env: dict[str, str], stop_after: float | None) -> Process:
+def spawn(
+    args: list[str], env: dict[str, str], stop_after: float | None,
+    stop: threading.Event | None = None,
+) -> Process:
     """Run a process to its end through ``launch.py`` (which measures it: wall time from its
-    start, peak RSS of its own); SIGTERM it after ``stop_after`` seconds. Blocking."""
+    start, peak RSS and CPU of its own); SIGTERM it after ``stop_after`` seconds or when
+    ``stop`` is set, whichever comes first (``stop`` is set once it has ended). Blocking."""
     with tempfile.TemporaryFile(mode="w+") as err, tempfile.NamedTemporaryFile("r") as out:
         launcher = [sys.executable, "-S", str(LAUNCH), out.name, *args]
         t0 = time.perf_counter()
         proc = subprocess.Popen(launcher, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
         # A pidfd cannot signal a recycled pid, whatever the timer's timing.
         pidfd = os.pidfd_open(proc.pid)
-        timer = None
-        if stop_after is not None:
-            timer = threading.Timer(stop_after, _terminate, (pidfd,))
-            timer.start()
+        done = threading.Event()
+        wake = stop or threading.Event()
+        watcher = None
+        if stop_after is not None or stop is not None:
+            watcher = threading.Thread(target=_watch, args=(pidfd, wake, done, stop_after))
+            watcher.start()
         try:
             proc.wait()
         finally:
-            if timer is not None:
-                timer.cancel()
-                timer.join()
+            done.set()
+            if watcher is not None:
+                wake.set()  # the process ended: release the watcher
+                watcher.join()
             os.close(pidfd)
         err.seek(0)
         measured = out.read().split()
         if not measured:  # the launcher itself was stopped before it started the command
             return Process(proc.returncode, time.perf_counter() - t0, None, err.read())
-        code, seconds, rss_kb = measured
-        return Process(int(code), float(seconds), int(rss_kb) / 1024, err.read())
+        code, seconds, rss_kb, started, cpu = measured
+        return Process(
+            int(code), float(seconds), int(rss_kb) / 1024, err.read(), float(started), float(cpu)
+        )
+
+
+def _watch(pidfd: int, wake: threading.Event, done: threading.Event, after: float | None) -> None:
+    wake.wait(after)
+    if not done.is_set():
+        _terminate(pidfd)
 
 
 def _terminate(pidfd: int) -> None:
@@ -141,14 +163,35 @@ def _terminate(pidfd: int) -> None:
         pass
 
 
-async def cli_run(
-    bench: Bench, fields: dict[str, Any], scenario: str, *, stop_after: float | None = None
-) -> Sample:
-    """``backfill run job.toml`` in a real process; rows and batches from its checkpoint."""
+async def cli_process(
+    bench: Bench,
+    fields: dict[str, Any],
+    *,
+    stop_after: float | None = None,
+    stop: threading.Event | None = None,
+    env: dict[str, str] | None = None,
+    python: tuple[str, ...] = (),
+) -> Process:
+    """``backfill run job.toml`` in a real process, to its end (see ``spawn``); ``env`` adds to
+    its environment, ``python`` are interpreter options (e.g. ``-X importtime``)."""
     with tempfile.TemporaryDirectory(prefix="backfill-bench-") as tmp:
         path = write_job(Path(tmp), fields)
-        args = [sys.executable, "-m", "backfill", "run", str(path)]
-        proc = await anyio.to_thread.run_sync(_spawn, args, _cli_env(bench.dsn), stop_after)
+        args = [sys.executable, *python, "-m", "backfill", "run", str(path)]
+        environ = cli_env(bench.dsn) | (env or {})
+        return await anyio.to_thread.run_sync(spawn, args, environ, stop_after, stop)
+
+
+async def cli_run(
+    bench: Bench,
+    fields: dict[str, Any],
+    scenario: str,
+    *,
+    stop_after: float | None = None,
+    stop: threading.Event | None = None,
+    env: dict[str, str] | None = None,
+) -> Sample:
+    """``backfill run job.toml`` in a real process; rows and batches from its checkpoint."""
+    proc = await cli_process(bench, fields, stop_after=stop_after, stop=stop, env=env)
     completed = proc.exit_code == 0
     # 75: stopped gracefully at the end of a window; -15: the window ended before the process
     # had even installed its signal handlers (a tiny window in smoke mode).
@@ -170,6 +213,8 @@ async def cli_run(
         rss_mb=proc.max_rss_mb,
         completed=completed,
         exit_code=proc.exit_code,
+        cpu_seconds=proc.cpu_seconds,
+        started_at=proc.started_at,
     )
 
 

@@ -15,7 +15,8 @@ class Sample:
     one-transaction scenario, else the longest batch statement the server reports.
     ``batch_ms`` is wall time per batch inside the run, ``statement_ms`` the server's mean
     execution time of one batch statement, and their difference ``overhead_ms`` is what a batch
-    costs beyond its statement (commit, round trip, client).
+    costs beyond its statement (commit, round trip, client). For a process, ``cpu_seconds`` is
+    its user + system CPU and ``started_at`` the epoch second it was started at.
     """
 
     scenario: str
@@ -29,6 +30,8 @@ class Sample:
     rss_mb: float | None = None
     completed: bool = True
     exit_code: int | None = None
+    cpu_seconds: float | None = None
+    started_at: float | None = None
 
     @property
     def rows_per_second(self) -> float:

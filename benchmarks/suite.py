@@ -12,7 +12,7 @@ from typing import Any
 
 from backfill import __version__
 from backfill.checkpoint import BatchResult
-from benchmarks import baselines, db, load, runner
+from benchmarks import baselines, db, fastpath, impact, load, openloop, runner, step
 from benchmarks.db import Bench, Seed
 from benchmarks.options import Options
 from benchmarks.sample import Sample
@@ -50,6 +50,7 @@ def scenarios(opts: Options) -> list[Scenario]:
         target_seconds=0.2, sleep_ratio=0.5,
         limits={"lock_timeout": "500ms", "max_rows_per_second": 5000},
     )
+    budget = impact.budget_fields(small, opts.max_impact)
     # Each runner right after the procedure it is compared with: the pair sees the same
     # moment of a noisy machine.
     found: list[Scenario] = [
@@ -86,6 +87,11 @@ def scenarios(opts: Options) -> list[Scenario]:
             "runner-starter", "runner, busy-primary starting config",
             cli("runner-starter", starter), True, unavailable=runner.supported(starter),
             throughput=False,
+        ),
+        # Issue 10: the impact budget next to the fixed configurations (effect only).
+        Scenario(
+            impact.BUDGET, impact.label(opts.max_impact), cli(impact.BUDGET, budget), True,
+            unavailable=runner.supported(budget), throughput=False,
         ),
     ]
     if opts.scenarios:
@@ -153,37 +159,9 @@ async def effect(bench: Bench, opts: Options, found: list[Scenario]) -> dict[str
                 f"(idle {base['tps']:,.0f}), p99 {during['p99_ms']} ms (idle {base['p99_ms']}); "
                 f"writer max {measured['writer']['max_ms']} ms"
             )
-        results["baseline"] = _pooled([r["baseline"] for r in results.values()])
+        results["baseline"] = load.pooled([r["baseline"] for r in results.values()])
         out[kind] = results
     return out
-
-
-def _mean(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known else None
-
-
-def _pooled(windows: list[dict[str, Any]]) -> dict[str, Any]:
-    """All idle baselines of one load together: TPS over their total time, latency
-    percentiles averaged, the writer's worst."""
-    runs = [w["pgbench"] for w in windows]
-    seconds = sum(b["seconds"] for b in runs)
-    writer = [w["writer"] for w in windows]
-    return {
-        "pgbench": {
-            "tps": sum(b["transactions"] for b in runs) / seconds if seconds else 0.0,
-            "p50_ms": _mean([b["p50_ms"] for b in runs]),
-            "p99_ms": _mean([b["p99_ms"] for b in runs]),
-            "transactions": sum(b["transactions"] for b in runs),
-            "seconds": seconds,
-        },
-        "writer": {
-            "writes": sum(w["writes"] for w in writer),
-            "p50_ms": _mean([w["p50_ms"] for w in writer]),
-            "p99_ms": _mean([w["p99_ms"] for w in writer]),
-            "max_ms": max((w["max_ms"] or 0 for w in writer), default=None),
-        },
-    }
 
 
 def _profile(batches: list[BatchResult], lo: int, hi: int) -> dict[str, Any]:
@@ -272,9 +250,18 @@ async def run_suite(opts: Options) -> dict[str, Any]:
         if "throughput" in opts.sections:
             meta["loadavg"]["before_throughput"] = db.loadavg()
             results["throughput"] = await throughput(bench, opts, found)
+        if "fastpath" in opts.sections:
+            meta["loadavg"]["before_fastpath"] = db.loadavg()
+            results["fastpath"] = await fastpath.fastpath(bench, opts)
         if "effect" in opts.sections:
             meta["loadavg"]["before_effect"] = db.loadavg()
             results["effect"] = await effect(bench, opts, found)
+        if "step" in opts.sections:
+            meta["loadavg"]["before_step"] = db.loadavg()
+            results["step"] = await step.load_step(bench, opts)
+        if "open-loop" in opts.sections:
+            meta["loadavg"]["before_open_loop"] = db.loadavg()
+            results["open_loop"] = await openloop.open_loop(bench, opts)
         if "growth" in opts.sections:
             meta["loadavg"]["before_growth"] = db.loadavg()
             results["growth"] = await growth(bench, opts)

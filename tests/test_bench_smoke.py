@@ -46,6 +46,7 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
         assert {"baseline", "update", "do-block", "runner-1000"} <= set(effect[kind])
         assert effect[kind]["baseline"]["pgbench"]["transactions"] > 0
         assert effect[kind]["runner-1000"]["writer"]["writes"] > 0
+        assert "runner-impact" in effect[kind] or "runner-impact" in results["unavailable"]
 
     growth = results["growth"]
     assert growth["dense"]["rows"] == rows
@@ -53,7 +54,43 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert growth["where_1pct"]["rows"] == rows // 100
     assert growth["big"]["rows"] == results["meta"]["options"]["big_rows"]
 
+    fastpath = results["fastpath"]
+    for name, samples in fastpath["samples"].items():
+        assert [(s["rows"], s["completed"]) for s in samples] == [
+            (1 if name == "runner-1-row" else rows, True)
+        ], name
+    assert {"procedure-1000", "runner-1000", "runner-1-row"} <= set(fastpath["samples"])
+    startup = fastpath["startup"]
+    assert startup["help_seconds"]["n"] == results["meta"]["options"]["help_runs"]
+    assert 0 < startup["run_opened_seconds"]["median"] < startup["first_batch_seconds"]["median"]
+    assert startup["first_batch_seconds"]["median"] < startup["one_row_process_seconds"]["median"]
+    assert fastpath["cpu_ms_per_batch"]["runner-1000"]["whole"]["median"] > 0
+    assert "unavailable" in fastpath["uvloop"] or fastpath["uvloop"]["whole"]["n"] == 1
+
+    step = results["step"]
+    if "unavailable" not in step:
+        unthrottled = step["runs"]["unthrottled"]
+        assert unthrottled["baseline"]["transactions"] > 0
+        assert unthrottled["pgbench_on"]["transactions"] > 0
+        assert unthrottled["backfill"]["rows"] > 0 and unthrottled["series"]["rows_per_second"]
+        assert unthrottled["rows_per_second"]["off_before"] > 0
+        assert "path" in step["plot"] or "matplotlib" in step["plot"]["unavailable"]
+        if "path" in step["plot"]:
+            assert Path(step["plot"]["path"]).read_bytes().startswith(b"\x89PNG")
+    loop = results["open_loop"]
+    if "unavailable" not in loop:
+        assert loop["capacity"]["tps"] > 0 and loop["rate"] > 0
+        measured = loop["runs"]["unthrottled"]
+        assert measured["pgbench"]["transactions"] > 0
+        assert measured["pgbench"]["lag_p99_ms"] is not None
+        assert measured["backfill"]["rows"] > 0
+    for section in (step, loop):  # the budget: measured (a window this short may end while it
+        # still measures its baseline), or unavailable with why
+        budget = section.get("runs", {}).get("runner-impact", {"unavailable": "n/a"})
+        assert "unavailable" in budget or budget["backfill"]["exit_code"] in (0, 75, -15), budget
+
     assert {t["target"] for t in results["targets"]}
+    assert any(t["target"].startswith("fast path:") for t in results["targets"])
     assert "| scenario | rows/s |" in done.stdout and "| target | measured | met |" in done.stdout
 
 

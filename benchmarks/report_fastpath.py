@@ -1,0 +1,104 @@
+"""The fast path's table and bars (issue 11), next to the other tables of the report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.bars import bar, num, span
+
+GOALS = {1000: 0.97, 10_000: 1.0}  # runner / procedure rows/s, whole process
+HELP_SECONDS, FIRST_BATCH_SECONDS, CPU_MS = 0.2, 0.35, 0.2
+
+
+def markdown(results: dict[str, Any]) -> list[str]:
+    section = results.get("fastpath")
+    if not section:
+        return []
+    lines = [
+        f"Fast path: {section['pairs']} paired, interleaved whole-process repetitions; ratios "
+        "are the median of the pairs' ratios (their range, over how many pairs); CPU is the "
+        "`backfill run` process's user + system time a batch, without start-up less a 1-row "
+        "run's:",
+        "",
+        "| batch | procedure rows/s | runner rows/s | runner / procedure | without start-up | "
+        "runner CPU ms a batch: whole / without start-up |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for size, paired in section["paired"].items():
+        rates = paired["rows_per_second"]
+        lines.append(
+            f"| {size} | {num(rates[f'procedure-{size}']['median'], 0)} | "
+            f"{num(rates[f'runner-{size}']['median'], 0)} | {span(paired['whole'])} | "
+            f"{span(paired['in_run'])} | {_cpu(section, f'runner-{size}')} |"
+        )
+    lines += [*_uvloop(section), "", _startup(section), ""]
+    return lines
+
+
+def _cpu(section: dict[str, Any], name: str) -> str:
+    cpu = section["cpu_ms_per_batch"].get(name)
+    if cpu is None:
+        return ""
+    return f"{num(cpu['whole']['median'], 3)} / {num(cpu['without_startup']['median'], 3)}"
+
+
+def _uvloop(section: dict[str, Any]) -> list[str]:
+    uv = section["uvloop"]
+    if "unavailable" in uv:
+        return [f"| uvloop (`BACKFILL_UVLOOP=1`) | not available: {uv['unavailable']} | | | | |"]
+    size = uv["batch_size"]
+    rate = uv["rows_per_second"][f"runner-{size}-uvloop"]["median"]
+    return [
+        f"| {size}, runner on uvloop (ratio: against the runner without) | | {num(rate, 0)} | "
+        f"{span(uv['whole'])} | {span(uv['in_run'])} | {_cpu(section, f'runner-{size}-uvloop')} |"
+    ]
+
+
+def _startup(section: dict[str, Any]) -> str:
+    s = section["startup"]
+    return (
+        f"Start-up: `python -m backfill --help` takes {span(s['help_seconds'], 3, ' s')}. A run "
+        f"on a 1-row table starts its first batch {span(s['first_batch_seconds'], 3, ' s')} "
+        "after the process starts (the server's clock when the batch saved the checkpoint, "
+        "less the batch's own duration, against the launcher's clock), has recorded its run "
+        f"in `backfill.runs` at {num(s['run_opened_seconds']['median'], 3)} s, and ends at "
+        f"{num(s['one_row_process_seconds']['median'], 3)} s, using "
+        f"{num(s['one_row_cpu_seconds']['median'], 3)} s of CPU (medians)."
+    )
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    section = results.get("fastpath")
+    if not section:
+        return []
+    out = []
+    for size, paired in section["paired"].items():
+        limit = GOALS.get(int(size))
+        if limit is None:
+            continue
+        whole = paired["whole"]
+        out.append(bar(
+            f"fast path: runner >= {limit:.2f}x procedure rows/s, batch {size} (median of pairs)",
+            whole["median"], limit, at_most=False,
+            text=f"{span(whole)} whole process; {span(paired['in_run'])} without start-up",
+        ))
+    s = section["startup"]
+    out.append(bar(
+        f"fast path: `backfill --help` <= {HELP_SECONDS} s", s["help_seconds"]["median"],
+        HELP_SECONDS, at_most=True, text=span(s["help_seconds"], 3, " s"),
+    ))
+    out.append(bar(
+        f"fast path: first batch starts <= {FIRST_BATCH_SECONDS} s after the process",
+        s["first_batch_seconds"]["median"], FIRST_BATCH_SECONDS, at_most=True,
+        text=f"{span(s['first_batch_seconds'], 3, ' s')} (1-row runs)",
+    ))
+    small = min(int(size) for size in section["paired"])
+    cpu = section["cpu_ms_per_batch"].get(f"runner-{small}")
+    if cpu is not None:
+        out.append(bar(
+            f"fast path: runner CPU per batch <= {CPU_MS} ms, batch {small}",
+            cpu["without_startup"]["median"], CPU_MS, at_most=True,
+            text=f"{span(cpu['without_startup'], 3, ' ms')} without start-up; "
+                 f"{num(cpu['whole']['median'], 3)} ms with it",
+        ))
+    return out
