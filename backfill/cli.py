@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -62,9 +63,22 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
     import anyio
 
     try:
-        return anyio.run(fn, backend="asyncio")
+        return anyio.run(fn, backend="asyncio", backend_options=_loop_options())
     except BackfillError as error:
         raise _fail(error) from None
+
+
+def _loop_options() -> dict[str, Any]:
+    """``BACKFILL_UVLOOP=1`` runs the event loop on uvloop (the ``fast`` extra), when it is
+    installed; see docs/performance.md for what it measured."""
+    if os.environ.get("BACKFILL_UVLOOP") != "1":
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        raise _fail(ConfigError("BACKFILL_UVLOOP=1 but uvloop is not installed: "
+                                "pip install 'backfill[fast]'")) from None
+    return {"use_uvloop": True}
 
 
 def _job(path: Path) -> Job:

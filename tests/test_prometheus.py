@@ -89,7 +89,9 @@ async def test_dashboard_queries_return_data_during_a_live_run(
         env = db.env(BACKFILL_METRICS_ADDRESS="127.0.0.1", BACKFILL_METRICS_LINGER_SECONDS="15",
                      BACKFILL_PROGRESS_LOG_SECONDS="1")
         # Slow on purpose (>= 40 s): the test stops it once every panel has shown data.
-        slow = write_job(tmp_path, users_job(batch={"size": 50, "sleep_seconds": 0.05}))
+        # With an impact budget, so that its panels have data too.
+        slow = write_job(tmp_path, users_job(batch={"size": 50, "sleep_seconds": 0.05},
+                                             throttle={"max_impact": "20%"}))
         runner = await start_runner(slow, env, out, f"--metrics-port={port}")
         try:
             deadline = anyio.current_time() + 40

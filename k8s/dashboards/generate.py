@@ -119,7 +119,7 @@ def panels() -> list[dict[str, Any]]:
                unit="percentunit", x=0, y=21, stack=True,
                description="Share of the time spent waiting between batches, by reason "
                "(sleep, rate_limit, replication_lag, slot_lag, active_sessions, health_query, "
-               "paused, backoff)."),
+               "impact, paused, backoff)."),
         series("Errors by reason",
                [target(f"sum by (job, reason) "
                        f"(rate(backfill_batch_errors_total{{{SEL}}}[{RATE}]))",
@@ -145,6 +145,26 @@ def panels() -> list[dict[str, Any]]:
                   "0": {"text": "-", "color": "transparent"},
                   "1": {"text": "on", "color": "green"}}}]},
               options={"showValue": "never", "mergeValues": True, "rowHeight": 0.8}),
+        series("Impact on the application (impact budget)",
+               [target(f"backfill_impact_ratio{{{SEL}}}", f"{who} with the run / without"),
+                target(f"max by (job) (backfill_impact_limit{{{SEL}}})", "{{job}} limit",
+                       "B")],
+               unit="none", x=0, y=43, w=8,
+               description="How much slower the canary (a tiny read and write) or the "
+               "application's statements run while the runner works than in its idle "
+               "windows; the budget ([throttle] max_impact) keeps it under the limit."),
+        series("Impact budget's allowance",
+               [target(f"backfill_impact_allowance_ratio{{{SEL}}}", who),
+                target(f"backfill_impact_foreground{{{SEL}}}", f"{who} others at work", "B")],
+               unit="percentunit", x=8, y=43, w=8,
+               description="The share of the time the budget lets the runner spend in batches "
+               "(100%: full speed; with nobody else at work it is always 100%)."),
+        series("Canary latency: now and with the runner idle",
+               [target(f"backfill_impact_canary_seconds{{{SEL}}}", f"{who} now"),
+                target(f"backfill_impact_baseline_seconds{{{SEL}}}", f"{who} baseline", "B")],
+               unit="s", x=16, y=43, w=8,
+               description="The deciding latency (the mean of the slower half of the beats) "
+               "and its baseline, measured in the runner's idle windows."),
         panel("table", "Runners",
               [target(f"max by (job, shard, table, version) (backfill_info{{{SEL}}})", "",
                       format="table", instant=True, range=False)],
