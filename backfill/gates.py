@@ -205,10 +205,10 @@ class PgProbe:
             raise
         return time.perf_counter() - start
 
-    async def statements(self) -> tuple[dict[int, tuple[int, float]], int] | None:
+    async def statements(self) -> tuple[dict[int, tuple[int, float, float]], int] | None:
         """``pg_stat_statements``' statements but the runner's own (re-read every 10 s): per
-        queryid its calls and total milliseconds, and how many rows of other roles it hides;
-        None where it is not installed."""
+        queryid its calls, and the sum and sum of squares of its times (milliseconds), and how
+        many rows of other roles it hides; None where it is not installed."""
         if self._statements is None:
             self._statements = bool((await self._fetchrow(sql.STATEMENTS_INSTALLED))[0])
         if not self._statements:
@@ -221,7 +221,8 @@ class PgProbe:
                     self._own = (time.monotonic(), own)
                 rows = await conn.fetch(sql.STATEMENTS, self._own[1])
         hidden = int(rows[0]["hidden"]) if rows else 0
-        found = {r["queryid"]: (r["calls"], r["ms"]) for r in rows if r["queryid"] is not None}
+        found = {r["queryid"]: (r["calls"], r["ms"], r["squares"])
+                 for r in rows if r["queryid"] is not None}
         return found, hidden
 
     async def others(self, within: float) -> tuple[int, int]:

@@ -82,6 +82,8 @@ class Governor:
             await self._poll()
             knobs = self.live.knobs
         pause = await self._hold(knobs) or self._pace(knobs)
+        if (sizer := self.live.sizer) is not None:
+            sizer.cap = self.impact.batch_cap(sizer.size) if self._measured(knobs) else None
         await self._note(pause)
         self._waiting = pause is not None
         return pause

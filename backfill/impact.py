@@ -11,20 +11,24 @@ reads no clock (``backfill.canary`` measures; the governor asks).
   drained) at the start, every ``EVERY`` seconds of work after (7% of the run), and at once
   when other sessions appear after a quiet spell. The baseline pools the beats of the last
   ``POOL`` windows younger than ``AGE``, so it follows the application's day.
-- Impact: for the read and for the write, the latency of the beats of the last ``JUDGE``
-  seconds (only those taken ``SETTLE`` after the last change of pace) over the baseline's,
-  each the mean of its slower half (``slow_half``); and, where ``pg_stat_statements`` can be
-  read, the application's own statements over the same times (``backfill.statements``). The
-  largest of these ratios decides.
+- Impact: where ``pg_stat_statements`` can be read, the application's own statements over
+  the last ``JUDGE`` seconds (only since ``SETTLE`` after the last change of pace) against the
+  idle windows: the time-weighted tails of every call (``backfill.statements``), the very
+  thing the budget protects. Elsewhere the canary stands in: for its read (what waits for a
+  CPU, a lock) and its write (what waits for a WAL flush), the beats over the same times
+  against the baseline's, each the mean of its slower half (``slow_half``); the larger
+  decides. The canary is the weaker measure of the two: it sees the middle of the latency
+  distribution better than its tail (see docs/throttling.md for what was measured).
 - Control law: the allowance is a duty cycle ``d`` in ``[FLOOR, 1]``: after a batch of ``t``
   seconds the runner waits ``t (1 - d) / d``. Every ``DECIDE`` seconds, once enough beats
   are in: over budget, ``d`` is cut in proportion to the excess, at most halved per step, and
-  the duty that was clearly too much (by half the budget again: not by the estimate's noise)
-  is remembered; within budget, and only if the runner used its
-  allowance, ``d`` grows (up to doubling when far below the budget, by 5% near it), never
-  past the midpoint to the lowest duty known to be too much, a mark that fades by 10% every
-  10 s (CockroachDB's asymmetric steps, Vitess's good and bad rates, LEDBAT's proportional
-  gain and periodic re-measuring).
+  the duty that was clearly too much twice in a row (by half the budget again: not the
+  estimate's noise, nor a passing stall) is remembered; within budget, and only if the runner
+  used its allowance, ``d`` grows (up to doubling when far below the budget, by 5% near it),
+  never past the midpoint to the lowest duty known to be too much, a mark that fades by 10%
+  every 5 s (CockroachDB's asymmetric steps, Vitess's good and bad rates, LEDBAT's
+  proportional gain and periodic re-measuring). Below full speed, batches shrink with the duty
+  (``batch_cap``): the same work in shorter transactions.
 - Nobody else there (no other session at work in the last ``LOOKS`` looks, a quarter of a
   second apart: one second): the budget has nobody to protect, and the runner goes at full
   speed. A load has arrived when ``ARRIVE`` of those looks saw someone at work; unknown (the
@@ -59,7 +63,9 @@ ARRIVE = 3  # ... of which this many must see one at work for a load to have arr
 RUNWAY = 0.2  # seconds the runner may go on unasked at full speed: when a load arrives, a
 # group of batches sized for an idle server runs several times longer; keep it short
 FADE = 0.1  # a bad mark rises by this share every FADE_EVERY seconds
-FADE_EVERY = 10.0
+FADE_EVERY = 5.0
+SHORTEST = 0.1  # batches shrink with the duty down to this share of their size (below, the
+# per-batch costs, a commit and a round trip, would eat the allowance)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +116,7 @@ class Budget:
     _bad: float | None = None  # the lowest duty known to exceed the budget
     _bad_at: float = 0.0
     _good: float | None = None  # the highest duty known to keep within it
+    _over: bool = False  # the last judgment was clearly over the budget
 
     # --- what was measured ----------------------------------------------------------------
 
@@ -211,6 +218,15 @@ class Budget:
             return 0.0
         return seconds * (1.0 - self.duty) / self.duty
 
+    def batch_cap(self, size: int) -> int | None:
+        """A ceiling on the batch while the budget holds the pace back: the size in proportion
+        to the duty, so that the runner's work comes in short transactions finely spread
+        between the application's, not in long ones with long pauses (a batch's commit delays
+        the commits that queue behind it: its tail is what the application feels)."""
+        if not self.limiting:
+            return None
+        return max(1, math.ceil(size * max(self.duty, SHORTEST)))
+
     def runway(self, now: float) -> float:
         """How long the runner may go on without asking (0: after every batch)."""
         self._decide(now)
@@ -235,12 +251,18 @@ class Budget:
             return
         self.verdict = verdict
         if verdict.ratio > self.limit:
-            if verdict.ratio > self.limit + (self.limit - 1) / 2:  # clearly, not by noise
+            # Clearly over (by half the budget again, not by noise), twice in a row (not a
+            # passing stall of the disk): this duty is too much.
+            clearly = verdict.ratio > self.limit + (self.limit - 1) / 2
+            if clearly and self._over:
                 self._bad, self._bad_at = min(self._bad or self.duty, self.duty), now
                 if self._good is not None and self._good >= self.duty:
                     self._good = None
+            self._over = clearly
             self._set(self.duty * max(0.5, min(0.9, self.limit / verdict.ratio)), now)
-        elif self._used(now):
+            return
+        self._over = False
+        if self._used(now):
             self._good = max(self._good or 0.0, self.duty)
             headroom = (self.limit - verdict.ratio) / (self.limit - 1.0)
             grown = self.duty * (1.0 + min(1.0, max(0.05, headroom)))
@@ -254,13 +276,17 @@ class Budget:
         base = [b for _, beats in self._windows for b in beats]
         if len(recent) < MIN_BEATS or len(base) < MIN_BASE:
             return None
+        if (index := self._statements.index(since)) is not None:
+            # The application's own statements, where they can be seen: what the budget
+            # protects, every call of it, and their tails (measured: the canary's latency
+            # hardly moves where the application's p99 doubles).
+            return Verdict(ratio=index.ratio, deciding="statements", current=index.current,
+                           baseline=index.baseline)
         ratios = []
         for side in ("read", "write"):
             current = slow_half([getattr(b, side) for b in recent])
             baseline = slow_half([getattr(b, side) for b in base])
             ratios.append((current / max(baseline, 1e-6), side, current, baseline))
-        if (index := self._statements.index(since)) is not None:
-            ratios.append((index.ratio, "statements", index.current, index.baseline))
         ratio, side, current, baseline = max(ratios)
         return Verdict(ratio=ratio, deciding=side, current=current, baseline=baseline)
 

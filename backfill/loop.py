@@ -192,7 +192,7 @@ class Loop:
                 await self._pauses(last)
                 if self.stop.requested:
                     raise Interrupted(f"stopped ({self.stop.reason}); checkpoint saved")
-                size = self.sizer.size
+                size = self.sizer.batch
                 # Batches may run grouped while nothing needs deciding between them: not after a
                 # failure, nor while the size is being adjusted, nor when a throttle says so.
                 grouped = steady and self.sizer.settled
@@ -237,7 +237,7 @@ class Loop:
     def _commit(self, result: BatchResult) -> Key | None:
         """What follows committed batches: sizing, live control, observers."""
         self.failures.count = 0
-        self.sizer.succeeded(result.seconds)
+        self.sizer.succeeded(result.seconds, result.size)
         self._apply_control(result.control)
         self.observer.committed(result)
         return result.cursor
@@ -286,7 +286,7 @@ class Loop:
                 "reason": failure.reason,
                 "keys_after": cursor,
                 "size": size,
-                "next_size": self.sizer.size,
+                "next_size": self.sizer.batch,
                 "attempt": attempt,
             },
         )

@@ -140,10 +140,10 @@ class Probe(Protocol):
         seconds. A beat slower than the check timeout counts as that long."""
         ...
 
-    async def statements(self) -> tuple[dict[int, tuple[int, float]], int] | None:
+    async def statements(self) -> tuple[dict[int, tuple[int, float, float]], int] | None:
         """The application's statements in ``pg_stat_statements`` (the runner's own left out):
-        per queryid its calls and total milliseconds so far, and how many rows of other roles
-        it hides; None where it is not installed."""
+        per queryid its calls, and the sum and the sum of squares of its times (milliseconds)
+        so far, and how many rows of other roles it hides; None where it is not installed."""
         ...
 
     async def others(self, within: float) -> tuple[int, int]:

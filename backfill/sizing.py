@@ -21,6 +21,9 @@ class Sizer:
     min_size: int
     max_size: int
     size: int = 0
+    # A ceiling on the next batches set from outside (the impact budget: short transactions
+    # while it holds the pace back); None: none. ``batch`` is what the next batch takes.
+    cap: int | None = None
 
     def __post_init__(self) -> None:
         self.size = self.size or self.target
@@ -29,24 +32,29 @@ class Sizer:
         return max(self.min_size, min(self.max_size, value))
 
     @property
+    def batch(self) -> int:
+        return self.size if self.cap is None else max(1, min(self.size, self.cap))
+
+    @property
     def settled(self) -> bool:
         """The size stays as it is after a success: no decision is due between batches."""
-        return self.size == self.target
+        return self.size == self.target and self.batch == self.size
 
-    def succeeded(self, seconds: float) -> None:
+    def succeeded(self, seconds: float, keys: int | None = None) -> None:
+        """A batch of ``keys`` keys (the next batch's, by default) committed in ``seconds``."""
         if self.size < self.target:
             self.size = min(self.target, max(self.size + 1, self.size * 3 // 2))
         elif self.size > self.target:
             self.size = self.target
 
     def timed_out(self) -> None:
-        self.size = self._clamp(self.size // 2)
+        self.size = self._clamp(self.batch // 2)
 
     def split(self) -> bool:
-        """Halve the size to narrow down a failing row; False when already a single row."""
-        if self.size <= 1:
+        """Halve the batch to narrow down a failing row; False when already a single row."""
+        if self.batch <= 1:
             return False
-        self.size //= 2
+        self.size = self.batch // 2
         return True
 
     def retarget(self, target: int) -> None:
@@ -72,11 +80,11 @@ class AdaptiveSizer(Sizer):
         # Aiming at a duration sizes every batch from the one before it.
         return self.target_seconds is None and self.size == self.target
 
-    def succeeded(self, seconds: float) -> None:
+    def succeeded(self, seconds: float, keys: int | None = None) -> None:
         if self.target_seconds is None:
-            Sizer.succeeded(self, seconds)
+            Sizer.succeeded(self, seconds, keys)
             return
-        sample = self.size / max(seconds, 1e-6)
+        sample = (self.batch if keys is None else keys) / max(seconds, 1e-6)
         if self.rate is None or seconds > self.slow * self.target_seconds:
             # First measure, or a slow batch: trust this batch alone so the next one is right
             # at once instead of after the average catches up.

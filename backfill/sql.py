@@ -639,6 +639,7 @@ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
 STATEMENTS_INSTALLED = "SELECT to_regprocedure('pg_stat_statements(boolean)') IS NOT NULL"
 STATEMENTS = """
 SELECT queryid, sum(calls)::int8 AS calls, sum(total_exec_time)::float8 AS ms,
+       sum(calls * (stddev_exec_time ^ 2 + mean_exec_time ^ 2))::float8 AS squares,
        sum(count(*) FILTER (WHERE queryid IS NULL)) OVER () AS hidden
 FROM pg_stat_statements(false)
 WHERE toplevel AND (queryid IS NULL OR queryid <> ALL($1::int8[]))

@@ -1,20 +1,25 @@
 """A latency index of the application's own statements, from ``pg_stat_statements``: the impact
 budget's second signal, where the extension is installed and readable.
 
-Pure: fed snapshots (per statement, its calls and total execution time so far) with their
-times, it answers how much slower the statements ran lately than during the runner's idle
-windows: each statement's mean time over its baseline mean, weighted by its share of the
-baseline's calls (a fixed mix, so that a change of mix is not taken for a change of speed),
-over the statements that ran often enough in both. The runner's own statements never get here
-(``backfill.gates`` leaves them out).
+Pure: fed snapshots (per statement: its calls, and the sum and the sum of squares of its
+execution times so far) with their times, it answers how much slower the statements ran lately
+than during the runner's idle windows. Per statement it takes the tail of its times, their mean
+plus two standard deviations over the interval (from the differences of the sums: every call
+counts, not a sample, and a few slow ones show), lately over in the baseline; the index weighs
+these by each statement's share of the baseline's time, so that it is how much slower the
+application's usual work ran (a change of mix is not taken for a change of speed, and a slower
+COMMIT weighs by the time commits take). Statements must have run often enough in both. The
+runner's own statements never get here (``backfill.gates`` leaves them out).
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
-Snapshot = dict[int, tuple[int, float]]  # queryid: (calls, total milliseconds)
+Sums = tuple[int, float, float]  # calls, total ms, total of squared ms
+Snapshot = dict[int, Sums]  # by queryid
 
 MIN_CALLS = 5  # calls of a statement, in the baseline and lately, for it to count
 MIN_TOTAL = 50  # calls of all counted statements, in each, for an index at all
@@ -22,24 +27,31 @@ MIN_TOTAL = 50  # calls of all counted statements, in each, for an index at all
 
 @dataclass(frozen=True, slots=True)
 class Index:
-    ratio: float  # the weighted mean of each statement's lately / baseline mean time
-    current: float  # the call-weighted mean time lately, seconds
+    ratio: float  # the time-weighted mean of each statement's tail lately / in the baseline
+    current: float  # the time-weighted tail lately, seconds
     baseline: float  # and in the idle windows
 
 
 def _delta(first: Snapshot, last: Snapshot) -> Snapshot:
     out = {}
-    for q, (calls, total) in last.items():
-        c0, t0 = first.get(q, (0, 0.0))
+    for q, (calls, total, squares) in last.items():
+        c0, t0, s0 = first.get(q, (0, 0.0, 0.0))
         if calls > c0 and total >= t0:  # a statement evicted and back starts over: skip it
-            out[q] = (calls - c0, total - t0)
+            out[q] = (calls - c0, total - t0, squares - s0)
     return out
 
 
 def _add(into: Snapshot, more: Snapshot) -> None:
-    for q, (calls, total) in more.items():
-        c, t = into.get(q, (0, 0.0))
-        into[q] = (c + calls, t + total)
+    for q, (calls, total, squares) in more.items():
+        c, t, s = into.get(q, (0, 0.0, 0.0))
+        into[q] = (c + calls, t + total, s + squares)
+
+
+def _tail(sums: Sums) -> float:
+    """Mean plus two standard deviations, milliseconds."""
+    calls, total, squares = sums
+    mean = total / calls
+    return mean + 2 * math.sqrt(max(0.0, squares / calls - mean * mean))
 
 
 @dataclass
@@ -75,14 +87,17 @@ class StatementIndex:
         for w in self._windows:
             _add(base, w)
         now = _delta(recent[0], recent[-1])
-        both = [q for q in base if base[q][0] >= MIN_CALLS and now.get(q, (0, 0.0))[0] >= MIN_CALLS]
-        base_calls = sum(base[q][0] for q in both)
-        now_calls = sum(now[q][0] for q in both)
-        if base_calls < MIN_TOTAL or now_calls < MIN_TOTAL:
+        both = [q for q in base if base[q][0] >= MIN_CALLS and q in now
+                and now[q][0] >= MIN_CALLS]
+        if (sum(base[q][0] for q in both) < MIN_TOTAL
+                or sum(now[q][0] for q in both) < MIN_TOTAL):
             return None
-        weights = {q: base[q][0] / base_calls for q in both}
-        means = {q: (base[q][1] / base[q][0], now[q][1] / now[q][0]) for q in both}
-        ratio = sum(w * means[q][1] / max(means[q][0], 1e-9) for q, w in weights.items())
-        current = sum(w * means[q][1] for q, w in weights.items()) / 1000
-        baseline = sum(w * means[q][0] for q, w in weights.items()) / 1000
+        time = sum(base[q][1] for q in both)
+        if time <= 0:
+            return None
+        weights = {q: base[q][1] / time for q in both}
+        tails = {q: (_tail(base[q]), _tail(now[q])) for q in both}
+        ratio = sum(w * tails[q][1] / max(tails[q][0], 1e-6) for q, w in weights.items())
+        current = sum(w * tails[q][1] for q, w in weights.items()) / 1000
+        baseline = sum(w * tails[q][0] for q, w in weights.items()) / 1000
         return Index(ratio, current, baseline)
