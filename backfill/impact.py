@@ -24,7 +24,7 @@ reads no clock (``backfill.canary`` measures; the governor asks).
   are in: over budget, ``d`` is cut in proportion to the excess, at most halved per step, and
   the duty that was clearly too much twice in a row (by half the budget again: not the
   estimate's noise, nor a passing stall) is remembered; within budget, and only if the runner
-  used its allowance, ``d`` grows (up to doubling when far below the budget, by 5% near it),
+  used its allowance, ``d`` grows (by up to a quarter when far below the budget, 5% near it),
   never past the midpoint to the lowest duty known to be too much, a mark that fades by 10%
   every 5 s (CockroachDB's asymmetric steps, Vitess's good and bad rates, LEDBAT's
   proportional gain and periodic re-measuring). Below full speed, batches shrink with the duty
@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from backfill.statements import Snapshot, StatementIndex
 
 BEAT = 0.05  # seconds between canary beats (20 a second) ...
-BEAT_MEASURING = 0.025  # ... and during an idle window (the baseline wants many)
+BEAT_MEASURING = 0.025  # ... and during an idle window (the baseline wants many) ...
+BEAT_SPARE = 0.1  # ... and while the application's statements decide instead
 WINDOW = 0.6  # seconds of an idle window
 FIRST_WINDOW = 1.5  # seconds of the window that starts a baseline (at the start, a new load)
 SETTLE = 0.3  # seconds after a change (or a window's start) before beats count
@@ -58,6 +59,8 @@ MIN_BASE = 12  # beats needed in the baseline
 START = 0.15  # the duty to start from under load, before anything is known
 FLOOR = 0.01  # the least duty: the run never stops for good while the budget allows work
 USED = 0.8  # the runner grows only when it worked at least this share of its allowance
+GROW = 0.25  # the most the duty grows per decision (by 5% near the budget): the application's
+# tail pays for every overshoot, and a cut is up to twice as steep
 LOOKS = 4  # looks at other sessions that decide whether anybody is there ...
 ARRIVE = 3  # ... of which this many must see one at work for a load to have arrived
 RUNWAY = 0.2  # seconds the runner may go on unasked at full speed: when a load arrives, a
@@ -85,6 +88,7 @@ class Verdict:
     deciding: str  # which decided: the canary's "read" or "write", or "statements"
     current: float  # that latency now (the mean of its slower half), seconds
     baseline: float  # and with the runner idle
+    noise: float = 1.0  # how far apart the idle windows are by themselves (statements only)
 
 
 def slow_half(values: list[float]) -> float:
@@ -175,7 +179,10 @@ class Budget:
 
     @property
     def beat_every(self) -> float:
-        """How often the canary should beat now."""
+        """How often the canary should beat now: less often while the application's own
+        statements decide (each beat costs the database two statements and a commit)."""
+        if self.verdict is not None and self.verdict.deciding == "statements":
+            return BEAT_SPARE
         return BEAT_MEASURING if self.measuring is not None else BEAT
 
     @property
@@ -205,7 +212,8 @@ class Budget:
         self._statements.window(start + SETTLE, end)
         while len(self._windows) > POOL or self._windows[0][0] < now - AGE:
             self._windows.popleft()
-        self._next_window = now + EVERY
+        # The second window comes soon: a baseline of one window cannot tell a stall.
+        self._next_window = now + (EVERY if len(self._windows) > 1 else EVERY / 3)
         self._changed = now
         if self.duty == 1.0 and self._good is None:  # nothing known under this load yet
             self._set(START, now)
@@ -250,38 +258,42 @@ class Budget:
         if verdict is None:
             return
         self.verdict = verdict
-        if verdict.ratio > self.limit:
+        # Where the idle windows differ by more than the budget among themselves, the budget
+        # holds to that precision: a change within the database's own variation is not
+        # taken for the runner's.
+        limit = max(self.limit, verdict.noise)
+        if verdict.ratio > limit:
             # Clearly over (by half the budget again, not by noise), twice in a row (not a
             # passing stall of the disk): this duty is too much.
-            clearly = verdict.ratio > self.limit + (self.limit - 1) / 2
+            clearly = verdict.ratio > limit + (self.limit - 1) / 2
             if clearly and self._over:
                 self._bad, self._bad_at = min(self._bad or self.duty, self.duty), now
                 if self._good is not None and self._good >= self.duty:
                     self._good = None
             self._over = clearly
-            self._set(self.duty * max(0.5, min(0.9, self.limit / verdict.ratio)), now)
+            self._set(self.duty * max(0.5, min(0.9, limit / verdict.ratio)), now)
             return
         self._over = False
         if self._used(now):
             self._good = max(self._good or 0.0, self.duty)
-            headroom = (self.limit - verdict.ratio) / (self.limit - 1.0)
-            grown = self.duty * (1.0 + min(1.0, max(0.05, headroom)))
+            headroom = (limit - verdict.ratio) / (self.limit - 1.0)
+            grown = self.duty * (1.0 + GROW * min(1.0, max(0.2, headroom)))
             if self._bad is not None and self.duty < self._bad:
                 grown = min(grown, max(self.duty * 1.05, (self.duty + self._bad) / 2))
             self._set(grown, now)
 
     def _judge(self, now: float) -> Verdict | None:
         since = max(self._changed + SETTLE, now - JUDGE)
-        recent = [b for b in self._beats if b.at >= since]
-        base = [b for _, beats in self._windows for b in beats]
-        if len(recent) < MIN_BEATS or len(base) < MIN_BASE:
-            return None
-        if (index := self._statements.index(since)) is not None:
+        if now - since >= JUDGE / 2 and (index := self._statements.index(since)) is not None:
             # The application's own statements, where they can be seen: what the budget
             # protects, every call of it, and their tails (measured: the canary's latency
             # hardly moves where the application's p99 doubles).
             return Verdict(ratio=index.ratio, deciding="statements", current=index.current,
-                           baseline=index.baseline)
+                           baseline=index.baseline, noise=index.noise)
+        recent = [b for b in self._beats if b.at >= since]
+        base = [b for _, beats in self._windows for b in beats]
+        if len(recent) < MIN_BEATS or len(base) < MIN_BASE:
+            return None
         ratios = []
         for side in ("read", "write"):
             current = slow_half([getattr(b, side) for b in recent])

@@ -23,6 +23,7 @@ Snapshot = dict[int, Sums]  # by queryid
 
 MIN_CALLS = 5  # calls of a statement, in the baseline and lately, for it to count
 MIN_TOTAL = 50  # calls of all counted statements, in each, for an index at all
+OUTLIER = 1.25  # an idle window this much slower than the pool of them is left out of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class Index:
     ratio: float  # the time-weighted mean of each statement's tail lately / in the baseline
     current: float  # the time-weighted tail lately, seconds
     baseline: float  # and in the idle windows
+    noise: float = 1.0  # the largest such ratio of one idle window to them all
 
 
 def _delta(first: Snapshot, last: Snapshot) -> Snapshot:
@@ -83,21 +85,46 @@ class StatementIndex:
         recent = [s for t, s in self._snapshots if t >= since]
         if len(recent) < 2 or not self._windows:
             return None
-        base: Snapshot = {}
-        for w in self._windows:
-            _add(base, w)
-        now = _delta(recent[0], recent[-1])
-        both = [q for q in base if base[q][0] >= MIN_CALLS and q in now
-                and now[q][0] >= MIN_CALLS]
-        if (sum(base[q][0] for q in both) < MIN_TOTAL
-                or sum(now[q][0] for q in both) < MIN_TOTAL):
+        windows = list(self._windows)
+        # How much each idle window differs from the others: a window far slower than them
+        # (a stall while it measured) leaves the baseline; below how far the rest stray, a
+        # change is the database's own weather, not the runner's doing.
+        strays = _strays(windows)
+        if strays and max(strays) > OUTLIER:
+            del windows[strays.index(max(strays))]
+            strays = _strays(windows)
+        found = _compare(_pool(windows), _delta(recent[0], recent[-1]))
+        if found is None:
             return None
-        time = sum(base[q][1] for q in both)
-        if time <= 0:
-            return None
-        weights = {q: base[q][1] / time for q in both}
-        tails = {q: (_tail(base[q]), _tail(now[q])) for q in both}
-        ratio = sum(w * tails[q][1] / max(tails[q][0], 1e-6) for q, w in weights.items())
-        current = sum(w * tails[q][1] for q, w in weights.items()) / 1000
-        baseline = sum(w * tails[q][0] for q, w in weights.items()) / 1000
-        return Index(ratio, current, baseline)
+        return Index(found.ratio, found.current, found.baseline, max(strays, default=1.0))
+
+
+def _pool(windows: list[Snapshot]) -> Snapshot:
+    base: Snapshot = {}
+    for w in windows:
+        _add(base, w)
+    return base
+
+
+def _strays(windows: list[Snapshot]) -> list[float]:
+    """Each window's index against the pool of the others (none for a single window)."""
+    out = []
+    for i, w in enumerate(windows):
+        found = _compare(_pool(windows[:i] + windows[i + 1:]), w) if len(windows) > 1 else None
+        out.append(1.0 if found is None else found.ratio)
+    return out if len(windows) > 1 else []
+
+
+def _compare(base: Snapshot, now: Snapshot) -> Index | None:
+    both = [q for q in base if base[q][0] >= MIN_CALLS and q in now and now[q][0] >= MIN_CALLS]
+    if sum(base[q][0] for q in both) < MIN_TOTAL or sum(now[q][0] for q in both) < MIN_TOTAL:
+        return None
+    time = sum(base[q][1] for q in both)
+    if time <= 0:
+        return None
+    weights = {q: base[q][1] / time for q in both}
+    tails = {q: (_tail(base[q]), _tail(now[q])) for q in both}
+    ratio = sum(w * tails[q][1] / max(tails[q][0], 1e-6) for q, w in weights.items())
+    current = sum(w * tails[q][1] for q, w in weights.items()) / 1000
+    baseline = sum(w * tails[q][0] for q, w in weights.items()) / 1000
+    return Index(ratio, current, baseline)

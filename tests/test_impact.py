@@ -200,7 +200,7 @@ def test_grows_only_when_the_allowance_was_used() -> None:
         b.worked(1.0 + 0.04 * i, 0.04)  # now it works all the time
     b._decided = -1.0
     b.pause(2.7, BATCH)
-    assert b.duty == pytest.approx(2 * impact.START)  # doubled: far below the budget
+    assert b.duty == pytest.approx((1 + impact.GROW) * impact.START)  # far below the budget
 
 
 def test_a_new_load_gets_a_fresh_baseline_at_once() -> None:
@@ -300,3 +300,27 @@ def test_statements_join_the_verdict_and_can_decide() -> None:
     assert b.batch_cap(1000) == 1000 * impact.SHORTEST  # shorter batches too, not too short
     b.duty = 0.5
     assert b.batch_cap(1000) == 500
+
+
+def test_a_stalled_window_leaves_the_baseline_and_the_spread_sets_a_floor() -> None:
+    idx = StatementIndex(keep=100.0)
+    t = 0.0
+
+    def window(ms: float) -> None:
+        nonlocal t
+        idx.snapshot(t, {1: (0, 0.0, 0.0)})
+        idx.snapshot(t + 0.5, {1: sums(ms, calls=100)})
+        idx.window(t, t + 0.6)
+        t += 10
+
+    window(1.0)
+    window(5.0)  # a stall while it measured
+    window(1.1)
+    idx.snapshot(t, {1: (0, 0.0, 0.0)})
+    idx.snapshot(t + 1, {1: sums(1.2, calls=100)})
+    found = idx.index(t - 0.1)
+    assert found is not None
+    # The stalled window is left out: the baseline pools 1.0 and 1.1 ms (mean 1.05, sd 0.05).
+    assert found.baseline == pytest.approx(0.00115)
+    assert found.ratio == pytest.approx(1.2 / 1.15)
+    assert found.noise == pytest.approx(1.1)  # how far one window strays from the other
