@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 Key = tuple[str, ...]
 
@@ -67,3 +67,37 @@ class BatchResult:
     size: int
     seconds: float
     control: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Row(Protocol):
+    """A row of the state schema's ``checkpoints`` (a driver's record, or a dict)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def to_checkpoint(row: Row) -> Checkpoint:
+    """A checkpoint from its row in the state schema."""
+    def key(value: list[str] | None) -> Key | None:
+        return tuple(value) if value is not None else None
+
+    return Checkpoint(
+        job=row["job"],
+        shard=row["shard"],
+        shards=row["shards"],
+        fingerprint=row["fingerprint"],
+        state=row["state"],
+        range_lo=key(row["range_lo"]),
+        range_hi=key(row["range_hi"]),
+        cursor=key(row["cursor"]),
+        rows_updated=row["rows_updated"],
+        rows_skipped=row["rows_skipped"],
+        batches=row["batches"],
+        skipped_keys=tuple(tuple(k) for k in row["skipped_keys"]),
+        control=row["control"],
+        settings=row["settings"] or {},
+        holder=row["holder"],
+        error=row["error"],
+        started_at=row["started_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+    )

@@ -56,7 +56,8 @@ JUDGE = 2.5  # seconds of beats an impact is measured over (CockroachDB: 2.5 s; 
 DECIDE = 0.5  # seconds between decisions
 MIN_BEATS = 25  # beats since the last change needed for a judgment (a p90 of fewer is noise)
 MIN_BASE = 12  # beats needed in the baseline
-START = 0.15  # the duty to start from under load, before anything is known
+START = 0.05  # the duty to start from under load, before anything is known (gently: the
+# application's tail pays for an overshoot at once, an undershoot costs a few seconds)
 FLOOR = 0.01  # the least duty: the run never stops for good while the budget allows work
 USED = 0.8  # the runner grows only when it worked at least this share of its allowance
 GROW = 0.25  # the most the duty grows per decision (by 5% near the budget): the application's
@@ -88,7 +89,6 @@ class Verdict:
     deciding: str  # which decided: the canary's "read" or "write", or "statements"
     current: float  # that latency now (the mean of its slower half), seconds
     baseline: float  # and with the runner idle
-    noise: float = 1.0  # how far apart the idle windows are by themselves (statements only)
 
 
 def slow_half(values: list[float]) -> float:
@@ -258,10 +258,7 @@ class Budget:
         if verdict is None:
             return
         self.verdict = verdict
-        # Where the idle windows differ by more than the budget among themselves, the budget
-        # holds to that precision: a change within the database's own variation is not
-        # taken for the runner's.
-        limit = max(self.limit, verdict.noise)
+        limit = self.limit
         if verdict.ratio > limit:
             # Clearly over (by half the budget again, not by noise), twice in a row (not a
             # passing stall of the disk): this duty is too much.
@@ -289,7 +286,7 @@ class Budget:
             # protects, every call of it, and their tails (measured: the canary's latency
             # hardly moves where the application's p99 doubles).
             return Verdict(ratio=index.ratio, deciding="statements", current=index.current,
-                           baseline=index.baseline, noise=index.noise)
+                           baseline=index.baseline)
         recent = [b for b in self._beats if b.at >= since]
         base = [b for _, beats in self._windows for b in beats]
         if len(recent) < MIN_BEATS or len(base) < MIN_BASE:

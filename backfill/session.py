@@ -1,9 +1,7 @@
-"""The PostgreSQL implementation of the loop's ``Connector`` and ``Session`` seams.
-
-A session is one dedicated connection (never a pool: its SETs and its advisory lock belong to
-it). Opening one checks the job against the catalog, prepares the batch statement, takes the
-job's lock, and loads or creates the checkpoint. Each batch is one statement that updates the
-rows and the checkpoint together, in one round trip.
+"""The PostgreSQL implementation of the loop's ``Session`` seam: one connection that holds the
+job's lock (``backfill.connector`` opens it) and runs batches on it, alone or grouped in one
+round trip, each batch one statement that claims the checkpoint, updates the rows and moves
+the checkpoint, in one transaction.
 """
 
 from __future__ import annotations
@@ -11,170 +9,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import anyio
 import asyncpg
 
-from backfill import __version__, catalog, ranges, sql
-from backfill.checkpoint import BatchResult, Checkpoint, Key
-from backfill.control import file_settings
+from backfill import sql
+from backfill.checkpoint import BatchResult, Checkpoint, Key, to_checkpoint
 from backfill.errors import (
     BatchFailure,
     ConfigError,
-    ConnectionLost,
-    Contention,
-    JobBusy,
     StatementTimeout,
     Superseded,
 )
 from backfill.job import Job
-from backfill.pg import CLIENT_SLACK, POOLER_HINT, Budget, connect, translate
-from backfill.ranges import WHOLE, Shard
-from backfill.settings import ConnectParams
+from backfill.pg import CLIENT_SLACK, translate
 from backfill.sql import Target
 
 log = logging.getLogger(__name__)
 
-# Seconds allowed for closing the connection (and so releasing the lock) on the way out.
+# Seconds allowed for ending a group's open transaction when it is cancelled.
 CLOSE_BUDGET = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who is running: written to the run history and shown to a second runner."""
-
-    host: str
-    pid: int
-
-    def __str__(self) -> str:
-        return f"{self.host} pid {self.pid}"
-
-
-def budget_for(job: Job) -> Budget:
-    return Budget(
-        statement_timeout=job.limits.statement_timeout,
-        lock_timeout=job.limits.lock_timeout,
-        connect_timeout=job.limits.connect_timeout,
-    )
-
-
-async def open_connection(params: ConnectParams, job: Job) -> asyncpg.Connection:
-    """A connection for the job, to a server that accepts writes (never a standby)."""
-    return await connect(
-        params, budget=budget_for(job), application_name=f"backfill:{job.name}", writable=True
-    )
-
-
-async def require_state_schema(conn: asyncpg.Connection) -> None:
-    if not await conn.fetchval(sql.STATE_EXISTS):
-        raise ConfigError("the state schema 'backfill' does not exist: run `backfill init` first")
-    if not await conn.fetchval(sql.STATE_CURRENT):
-        raise ConfigError(
-            "the state schema 'backfill' is from an older version: "
-            "run `backfill init` to upgrade it"
-        )
-
-
-def to_checkpoint(row: asyncpg.Record) -> Checkpoint:
-    def key(value: list[str] | None) -> Key | None:
-        return tuple(value) if value is not None else None
-
-    return Checkpoint(
-        job=row["job"],
-        shard=row["shard"],
-        shards=row["shards"],
-        fingerprint=row["fingerprint"],
-        state=row["state"],
-        range_lo=key(row["range_lo"]),
-        range_hi=key(row["range_hi"]),
-        cursor=key(row["cursor"]),
-        rows_updated=row["rows_updated"],
-        rows_skipped=row["rows_skipped"],
-        batches=row["batches"],
-        skipped_keys=tuple(tuple(k) for k in row["skipped_keys"]),
-        control=row["control"],
-        settings=row.get("settings") or {},
-        holder=row["holder"],
-        error=row["error"],
-        started_at=row["started_at"],
-        updated_at=row["updated_at"],
-        finished_at=row["finished_at"],
-    )
-
-
-async def take_lock(conn: asyncpg.Connection, name: str, *, shard: int = 0, wait: float) -> int:
-    """Take the job's session-level advisory lock, which dies with the connection; returns the
-    pid of the backend that holds it.
-
-    After ``wait`` seconds of trying, raise ``JobBusy`` naming the holder.
-    """
-    deadline = anyio.current_time() + wait
-    while True:
-        locked, pid = await conn.fetchrow(sql.TRY_LOCK, name, shard) or (False, 0)
-        if locked:
-            return int(pid)
-        if anyio.current_time() >= deadline:
-            holder = await _holder(conn, name, shard)
-            raise JobBusy(f"job {name} is held by another runner: {holder}")
-        await anyio.sleep(min(0.25, wait))
-
-
-async def check_own_backend(
-    conn: asyncpg.Connection, params: ConnectParams, job: Job, lock_pid: int
-) -> None:
-    """Refuse a session that is not the runner's own: behind a pooler in transaction (or
-    statement) mode the lock would stay on a server session that other clients then use.
-
-    Straight to PostgreSQL, the connection's cancel key carries its backend's pid, and that is
-    all. Behind a pooler (its own cancel keys), a second connection must land on another
-    backend, and this one must still be on the lock's: a transaction pooler hands an idle
-    client's backend to the next client, so the second connection lands on the lock's.
-    """
-    if conn.get_server_pid() == lock_pid:
-        return
-    other = await connect(params, budget=budget_for(job), application_name=f"backfill:{job.name}")
-    try:
-        other_pid = await other.fetchval(sql.BACKEND_PID)
-    finally:
-        with anyio.move_on_after(CLOSE_BUDGET, shield=True):
-            await _close(other)
-    if other_pid == lock_pid or await conn.fetchval(sql.BACKEND_PID) != lock_pid:
-        raise ConfigError(
-            f"job {job.name}: the connection goes through a pooler in transaction mode: "
-            f"another client's statements run on the backend holding the job's lock; "
-            f"{POOLER_HINT}"
-        )
-
-
-async def _holder(conn: asyncpg.Connection, name: str, shard: int) -> str:
-    row = await conn.fetchrow(sql.LOCK_HOLDER, name, shard)
-    ckpt = await conn.fetchrow(sql.LOAD, name, shard)
-    where = f"{ckpt['holder']}, " if ckpt is not None and ckpt["holder"] else ""
-    if row is None:
-        return f"{where}(lock released meanwhile; try again)"
-    since = row["backend_start"].isoformat(timespec="seconds")
-    client = row["client"] or "local socket"
-    return f"{where}backend pid {row['pid']} from {client} since {since}"
-
-
-async def check_fragments(conn: asyncpg.Connection, job: Job, target: Target) -> None:
-    """Prepare (never run) ``set`` and ``where`` each alone, before anything is written: a
-    fragment the server rejects is a ``ConfigError`` naming its field (even a constant
-    ``1/0``: it fails for every row)."""
-    checks = sql.fragment_checks(target, set_=job.set, where=job.where)
-    for field, statement in checks.items():
-        try:
-            await conn.prepare(statement)
-        except Exception as exc:
-            error = translate(exc, closed=conn.is_closed())
-            if isinstance(error, ConnectionLost | Contention | StatementTimeout):
-                raise error from exc
-            raise ConfigError(f"set/where: {error} (in {field})") from exc
-
 
 # A group of batches in one round trip lasts about this long at most: no decision (a pause, a
 # gate, live control, the impact budget) waits longer than this for the runner to ask, and a
@@ -425,82 +281,3 @@ def _advance(ckpt: Checkpoint, cursor: Key, rows: int, control: dict[str, Any]) 
     )
 
 
-class PgConnector:
-    """Opens sessions for one job: connect, check, lock, load or create the checkpoint."""
-
-    def __init__(
-        self, params: ConnectParams, job: Job, *, identity: Identity, shard: Shard = WHOLE
-    ) -> None:
-        self.params = params
-        self.job = job
-        self.identity = identity
-        self.shard = shard
-        self.run_id: int | None = None  # this process's row in backfill.runs
-
-    @asynccontextmanager
-    async def session(self) -> AsyncIterator[PgSession]:
-        conn = await open_connection(self.params, self.job)
-        try:
-            yield await self._open(conn)
-        finally:
-            with anyio.move_on_after(CLOSE_BUDGET, shield=True):
-                await _close(conn)
-
-    async def _open(self, conn: asyncpg.Connection) -> PgSession:
-        job, shard = self.job, self.shard.index
-        try:
-            await require_state_schema(conn)
-            target = await catalog.resolve(conn, job)
-            await check_fragments(conn, job, target)
-            pid = await take_lock(conn, job.name, shard=shard, wait=job.limits.lock_wait)
-            await check_own_backend(conn, self.params, job, pid)
-            ckpt = await self._load_or_create(conn, target)
-            session = PgSession(conn, job, target, ckpt, pid=pid)
-            await session.prepare()
-            async with conn.transaction():
-                # After a lost connection this process's run goes on (unless another runner
-                # closed it meanwhile): a reconnection is not a killed run.
-                run_id = self.run_id and await conn.fetchval(sql.RUN_OPEN, self.run_id)
-                if not run_id:
-                    await conn.execute(sql.CLOSE_ABANDONED, job.name, shard)
-                    run_id = await conn.fetchval(
-                        sql.OPEN_RUN, job.name, shard, job.fingerprint, __version__,
-                        str(self.identity),
-                    )
-                await conn.execute(sql.START, job.name, shard, str(self.identity))
-                await conn.execute(sql.SAVE_SETTINGS, job.name, shard, file_settings(job))
-            self.run_id = session.run_id = run_id  # only once committed
-            session._checkpoint = await _load(conn, job.name, shard)
-            return session
-        except (ConfigError, JobBusy):
-            raise
-        except Exception as exc:
-            raise translate(exc, closed=conn.is_closed()) from exc
-
-    async def _load_or_create(self, conn: asyncpg.Connection, target: Target) -> Checkpoint:
-        job, shard = self.job, self.shard
-        if await conn.fetchrow(sql.LOAD, job.name, shard.index) is None:
-            await ranges.create_checkpoints(conn, job, target, shards=shard.count)
-        ckpt = await _load(conn, job.name, shard.index)
-        if ckpt.shards != shard.count:
-            raise ranges.mismatch(job.name, ckpt.shards, shard.count)
-        if ckpt.fingerprint != job.fingerprint:
-            raise ConfigError(
-                f"job {job.name} changed since its checkpoint was made (table, key, set or where "
-                f"differ): run `backfill reset {job.name} --yes` to start over, or rename the job"
-            )
-        return ckpt
-
-
-async def _load(conn: asyncpg.Connection, name: str, shard: int) -> Checkpoint:
-    row = await conn.fetchrow(sql.LOAD, name, shard)
-    if row is None:
-        raise ConfigError(f"the checkpoint of job {name} vanished (reset mid-run?)")
-    return to_checkpoint(row)
-
-
-async def _close(conn: asyncpg.Connection) -> None:
-    try:
-        await conn.close(timeout=2)
-    except Exception:
-        conn.terminate()

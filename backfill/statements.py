@@ -31,7 +31,6 @@ class Index:
     ratio: float  # the time-weighted mean of each statement's tail lately / in the baseline
     current: float  # the time-weighted tail lately, seconds
     baseline: float  # and in the idle windows
-    noise: float = 1.0  # the largest such ratio of one idle window to them all
 
 
 def _delta(first: Snapshot, last: Snapshot) -> Snapshot:
@@ -86,17 +85,11 @@ class StatementIndex:
         if len(recent) < 2 or not self._windows:
             return None
         windows = list(self._windows)
-        # How much each idle window differs from the others: a window far slower than them
-        # (a stall while it measured) leaves the baseline; below how far the rest stray, a
-        # change is the database's own weather, not the runner's doing.
+        # A window far slower than the others (a stall while it measured) leaves the baseline.
         strays = _strays(windows)
         if strays and max(strays) > OUTLIER:
             del windows[strays.index(max(strays))]
-            strays = _strays(windows)
-        found = _compare(_pool(windows), _delta(recent[0], recent[-1]))
-        if found is None:
-            return None
-        return Index(found.ratio, found.current, found.baseline, max(strays, default=1.0))
+        return _compare(_pool(windows), _delta(recent[0], recent[-1]))
 
 
 def _pool(windows: list[Snapshot]) -> Snapshot:

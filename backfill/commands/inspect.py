@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import asyncpg
 
 from backfill import catalog, sql
-from backfill.checkpoint import Checkpoint
+from backfill.checkpoint import Checkpoint, to_checkpoint
 from backfill.commands._common import guard
+from backfill.connector import open_connection
 from backfill.job import Job
-from backfill.session import open_connection, to_checkpoint
 from backfill.settings import ConnectParams
 
 

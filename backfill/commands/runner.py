@@ -14,6 +14,7 @@ import anyio
 
 from backfill import canary, governor
 from backfill.checkpoint import FAILED, INTERRUPTED, Checkpoint
+from backfill.connector import Identity, PgConnector
 from backfill.errors import BackfillError, Interrupted, RowError
 from backfill.estimate import FirstStart, estimate_progress
 from backfill.export import Exporter
@@ -25,7 +26,6 @@ from backfill.observers import Fanout, LogLines, Progress
 from backfill.progress import Tracker
 from backfill.protocols import Observer, Throttle
 from backfill.ranges import WHOLE, Shard
-from backfill.session import Identity, PgConnector
 from backfill.settings import ConnectParams, Telemetry
 from backfill.shutdown import Stop, stop_after, watch_signals
 from backfill.throttle import AllOf

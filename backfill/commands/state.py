@@ -11,11 +11,11 @@ from typing import Any
 import asyncpg
 
 from backfill import control, sql
-from backfill.checkpoint import Checkpoint
+from backfill.checkpoint import Checkpoint, to_checkpoint
 from backfill.commands._common import admin, guard
+from backfill.connector import require_state_schema, take_lock
 from backfill.progress import run_rate
 from backfill.ranges import CREATING
-from backfill.session import require_state_schema, take_lock, to_checkpoint
 from backfill.settings import ConnectParams
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,10 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
+from backfill.connector import Identity, PgConnector
 from backfill.errors import ConnectionLost
 from backfill.job import parse_job
 from backfill.pgtemp import TempPostgres
-from backfill.session import Identity, PgConnector
 from backfill.settings import ConnectParams
 from tests.conftest import (
     Database,

@@ -11,10 +11,10 @@ import anyio
 import asyncpg
 import pytest
 
-from backfill import commands, session, sql
+from backfill import commands, connector, sql
 from backfill.checkpoint import Checkpoint
+from backfill.connector import Identity, PgConnector
 from backfill.job import parse_job
-from backfill.session import PgConnector
 from tests.conftest import Database, seed_users, users_job
 
 from .harness import Recorder, exactly_once
@@ -38,7 +38,7 @@ async def test_two_runners_without_the_lock_update_every_row_once(
     figures: Counter[str], rows: int, sleep: float,
 ) -> None:
     await seed_users(db, f"generate_series(1, {rows})")
-    monkeypatch.setattr(session, "take_lock", no_lock)
+    monkeypatch.setattr(connector, "take_lock", no_lock)
     # where = true: a slice applied twice would leave touched = 2.
     job = parse_job(users_job(where="true", batch={"size": 100, "sleep_seconds": sleep},
                               limits={"max_retries": 10_000}))
@@ -74,8 +74,8 @@ async def test_a_lost_swap_writes_nothing(db: Database, admin: asyncpg.Connectio
     fails, and neither the rows nor the checkpoint changed."""
     await seed_users(db, "generate_series(1, 1000)")
     job = parse_job(users_job(where="true"))
-    connector = PgConnector(db.params, job, identity=session.Identity("here", 1))
-    async with connector.session() as s:
+    opener = PgConnector(db.params, job, identity=Identity("here", 1))
+    async with opener.session() as s:
         await s.run_batches(None, 100)
         before = await admin.fetchrow("SELECT * FROM backfill.checkpoints WHERE job = $1", NAME)
         statement = await s.conn.prepare(s._batch(first=False))

@@ -19,10 +19,10 @@ import asyncpg
 import pytest
 from pydantic import SecretStr
 
+from backfill.connector import Identity, PgConnector
 from backfill.errors import ConfigError
 from backfill.job import parse_job
 from backfill.pgtemp import TempPostgres
-from backfill.session import Identity, PgConnector
 from backfill.settings import ConnectParams
 from tests.conftest import Database, seed_users, users_job, write_job
 
