@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,14 +139,23 @@ class PgProbe:
         self, query: str, *args: Any, readonly: bool = False
     ) -> asyncpg.Record:
         conn = await self._connection()
-        try:
-            # The server cancels at check_timeout; this catches a dead network.
-            with anyio.fail_after(self.budget.statement_timeout + 2):
-                if readonly:
-                    async with conn.transaction(readonly=True):
-                        row = await conn.fetchrow(query, *args)
-                else:
+        with self._guard(conn):
+            if readonly:
+                async with conn.transaction(readonly=True):
                     row = await conn.fetchrow(query, *args)
+            else:
+                row = await conn.fetchrow(query, *args)
+        if row is None:
+            raise CheckError("the query returned no row")
+        return row
+
+    @contextmanager
+    def _guard(self, conn: asyncpg.Connection) -> Iterator[None]:
+        """The server cancels at check_timeout; this catches a dead network, and forgets a
+        connection that is gone."""
+        try:
+            with anyio.fail_after(self.budget.statement_timeout + 2):
+                yield
         except TimeoutError:
             self._drop()
             raise
@@ -153,9 +163,6 @@ class PgProbe:
             if conn.is_closed():
                 self._conn = None
             raise
-        if row is None:
-            raise CheckError("the query returned no row")
-        return row
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -192,17 +199,10 @@ class PgProbe:
         conn = await self._connection()
         start = time.perf_counter()
         try:
-            with anyio.fail_after(self.budget.statement_timeout + 2):
+            with self._guard(conn):
                 await conn.execute(query, *args)
         except asyncpg.QueryCanceledError:
             return max(time.perf_counter() - start, self.budget.statement_timeout)
-        except TimeoutError:
-            self._drop()
-            raise
-        except Exception:
-            if conn.is_closed():
-                self._conn = None
-            raise
         return time.perf_counter() - start
 
     async def statements(self) -> tuple[dict[int, tuple[int, float, float]], int] | None:
@@ -215,7 +215,7 @@ class PgProbe:
             return None
         async with self._turn:
             conn = await self._connection()
-            with anyio.fail_after(self.budget.statement_timeout + 2):
+            with self._guard(conn):
                 if time.monotonic() - self._own[0] > 10:
                     own = [r[0] for r in await conn.fetch(sql.OWN_STATEMENTS)]
                     self._own = (time.monotonic(), own)
