@@ -32,7 +32,7 @@ from collections.abc import Callable
 from backfill.checkpoint import PAUSED, RUNNING, THROTTLED, BatchResult
 from backfill.control import Knobs, Live
 from backfill.gates import Gates, Verdict
-from backfill.impact import Budget
+from backfill.impact import Budget, describe
 from backfill.job import Job
 from backfill.protocols import Pause, Probe
 from backfill.ratelimit import RateLimit
@@ -65,7 +65,7 @@ class Governor:
         self._checked_at = -math.inf
         self._verdict: Verdict | None = None
         self._waiting = False
-        self._holding: str | None = None  # what holds the runner now (a HOLDING reason)
+        self._holding: str | None = None  # what holds the runner now (HOLDING, or impact)
         self._holding_since = 0.0
         self._poll_failing = False
 
@@ -84,7 +84,7 @@ class Governor:
         pause = await self._hold(knobs) or self._pace(knobs)
         if (sizer := self.live.sizer) is not None:
             sizer.cap = self.impact.batch_cap(sizer.size) if self._measured(knobs) else None
-        await self._note(pause)
+        await self._note(pause, knobs)
         self._waiting = pause is not None
         return pause
 
@@ -168,8 +168,12 @@ class Governor:
         self._poll_failing = False
         self.live.apply(overrides)
 
-    async def _note(self, pause: Pause | None) -> None:
+    async def _note(self, pause: Pause | None, knobs: Knobs) -> None:
         holding = pause.reason if pause is not None and pause.reason in HOLDING else None
+        if holding is None and self._measured(knobs) and (
+            self.impact.broken is not None or (not self.impact.idle and self.impact.duty < 1.0)
+        ):
+            holding = "impact"  # below full speed for the budget: throttled, not each pause
         if holding == self._holding:
             return
         now, job = self.clock(), self.live.job
@@ -178,6 +182,14 @@ class Governor:
                 "resumed",
                 extra={"job": job, "held_by": self._holding,
                        "seconds": round(now - self._holding_since, 3)},
+            )
+        elif holding == "impact":
+            log.warning(
+                "holding: " + (
+                    f"the impact budget cannot measure ({self.impact.broken})"
+                    if self.impact.broken is not None else describe(*self.impact.report())
+                ),
+                extra={"job": job, "reason": holding},
             )
         elif holding == "paused":
             log.warning(

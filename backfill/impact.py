@@ -91,6 +91,19 @@ class Verdict:
     baseline: float  # and with the runner idle
 
 
+def describe(ratio: float | None, limit: float, duty: float, current: float | None,
+             baseline: float | None, deciding: str | None) -> str:
+    """``impact 1.34 > 1.20, canary write 2.1 ms over baseline 1.4 ms, duty 45%``: a
+    measurement (``Budget.report``) in words, for the log and ``status``."""
+    if ratio is None or current is None or baseline is None:
+        return f"impact budget {limit:.2f}: measuring, duty {duty:.0%}"
+    signal = "statements" if deciding == "statements" else f"canary {deciding}"
+    return (
+        f"impact {ratio:.2f} {'>' if ratio > limit else '<='} {limit:.2f}, {signal} "
+        f"{current * 1000:.1f} ms over baseline {baseline * 1000:.1f} ms, duty {duty:.0%}"
+    )
+
+
 def slow_half(values: list[float]) -> float:
     """The mean of the slower half: weighted to the tail like a p90, but half the beats count
     in it rather than one in ten, so that a few dozen make a measurement instead of noise."""

@@ -112,9 +112,10 @@ def summary(progress: Progress) -> dict[str, object]:
     }
 
 
-# Pauses that come with every batch (sleep, and rate_limit while the ceiling binds), follow a
-# logged retry (backoff) or have their own state line (paused): no line each.
-_ROUTINE_PAUSES = frozenset({"sleep", "rate_limit", "backoff", "paused"})
+# Pauses that come with every batch (sleep, rate_limit while the ceiling binds, impact while the
+# budget paces), follow a logged retry (backoff) or have their own line (paused; impact, which
+# the governor logs with what it measured): no line each.
+_ROUTINE_PAUSES = frozenset({"sleep", "rate_limit", "backoff", "paused", "impact"})
 
 
 @dataclass

@@ -23,6 +23,7 @@ from backfill import commands, control
 from backfill.checkpoint import FAILED, PAUSED, RUNNING, SUCCEEDED, THROTTLED, show_key
 from backfill.commands import Rate, Status
 from backfill.errors import BackfillError, ConfigError
+from backfill.impact import describe
 from backfill.progress import fraction, human_seconds
 from backfill.settings import ConnectParams
 
@@ -158,17 +159,12 @@ def details(e: dict[str, Any], *, every: bool) -> list[str]:
 
 
 def impact_line(i: dict[str, Any]) -> str:
-    """``impact 1.12 <= 1.20, canary write 2.1 ms over baseline 1.9 ms, duty 45%``: what the
-    shard's impact budget measured last (see ``commands.Impact``)."""
+    """What the shard's impact budget measured last (see ``commands.Impact``), and how long
+    ago when that is a while."""
     age = i["age_seconds"]
     when = f" ({human_seconds(age)} ago)" if age >= 5 else ""
-    if i["ratio"] is None or i["current_seconds"] is None or i["baseline_seconds"] is None:
-        return f"impact budget {i['limit']:.2f}: measuring, duty {i['duty']:.0%}{when}"
-    return (
-        f"impact {i['ratio']:.2f} {'>' if i['ratio'] > i['limit'] else '<='} {i['limit']:.2f}, "
-        f"canary {i['deciding']} {i['current_seconds'] * 1000:.1f} ms over baseline "
-        f"{i['baseline_seconds'] * 1000:.1f} ms, duty {i['duty']:.0%}{when}"
-    )
+    return describe(i["ratio"], i["limit"], i["duty"], i["current_seconds"],
+                    i["baseline_seconds"], i["deciding"]) + when
 
 
 def pace(e: dict[str, Any]) -> tuple[str, str]:

@@ -15,6 +15,7 @@ import pytest
 
 from backfill import commands
 from backfill.checkpoint import BatchResult
+from backfill.errors import ConfigError
 from backfill.gates import PgProbe
 from backfill.job import parse_job
 from backfill.pgtemp import TempPostgres, find_bindir, has_module
@@ -101,6 +102,15 @@ async def test_on_an_idle_database_the_budget_leaves_full_speed(db: Database) ->
     assert ckpt.state == "succeeded" and ckpt.rows_updated == 30000
     # Nobody else there: at most the first look's window, then no pacing at all.
     assert pace.waited("impact") < 2.0, pace.waited("impact")
+
+
+async def test_a_job_that_fails_its_checks_leaves_no_beat(db: Database) -> None:
+    job = budget_job(name="no-table", table="public.no_such_table")
+    with pytest.raises(ConfigError, match=r"table: public\.no_such_table does not exist"):
+        await commands.run(job, db.params)
+    assert await db.fetchval(
+        "SELECT count(*) FROM backfill.canaries WHERE job = 'no-table'"
+    ) == 0
 
 
 @pytest.mark.skipif(shutil.which("pgbench") is None, reason="pgbench is not installed "

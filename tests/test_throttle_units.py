@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from backfill.control import LIVE_KEYS, Knobs, Live, merge, parse_assignments, r
 from backfill.errors import ConfigError
 from backfill.gates import CheckError, Gates
 from backfill.governor import Governor
+from backfill.impact import Verdict
 from backfill.job import parse_job
 from backfill.protocols import Pause
 from backfill.ratelimit import RateLimit
@@ -315,3 +317,26 @@ async def test_rate_limit_through_the_governor() -> None:
     pauses = await wait_out(gov, clock, batch(seconds=0.1, rows=500))
     assert [p.reason for p in pauses] == ["rate_limit"]
     assert sum(p.seconds for p in pauses) == pytest.approx(0.4)
+
+
+@pytest.mark.anyio
+async def test_the_impact_budget_below_full_speed_is_throttled_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock, probe = Clock(), FakeProbe()
+    gov = governor(probe, clock, throttle={"max_impact": "20%"})
+    budget = gov.impact
+    budget.others, budget.duty = True, 0.3  # a load is there, and the budget has cut the pace
+    budget.verdict = Verdict(ratio=1.5, deciding="write", current=0.0021, baseline=0.0014)
+    with caplog.at_level(logging.INFO, logger="backfill.governor"):
+        for _ in range(5):  # batch after batch, each paced: one line, one state change
+            pauses = await wait_out(gov, clock, batch(0.05))
+            assert pauses and {p.reason for p in pauses} == {"impact"}
+        budget.duty = 1.0  # the load has gone: full speed again
+        await wait_out(gov, clock, batch(0.05))
+    assert probe.states == ["throttled", "running"]
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "holding: impact 1.50 > 1.20, canary write 2.1 ms over baseline 1.4 ms, duty 30%",
+        "resumed",
+    ]

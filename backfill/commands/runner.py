@@ -6,7 +6,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TextIO
 
@@ -122,8 +122,10 @@ async def run(
                 tg.start_soon(estimate_progress, params, job, first, trackers)
             if exporter is not None:
                 tg.start_soon(exporter.push_periodically)
-            # The impact budget's canary (it waits while the job sets no max_impact).
-            tg.start_soon(partial(canary.measure, probe, gov.live, gov.impact, clock=gov.clock))
+            # The impact budget's canary (it waits while the job sets no max_impact), once the
+            # run has started: a job that fails its checks writes nothing, not even a beat.
+            tg.start_soon(_after, first.event,
+                          partial(canary.measure, probe, gov.live, gov.impact, clock=gov.clock))
             with abort:
                 try:
                     outcome = await loop.run()
@@ -144,6 +146,11 @@ async def run(
         raise outcome
     assert outcome is not None
     return outcome
+
+
+async def _after(event: anyio.Event, task: Callable[[], Awaitable[None]]) -> None:
+    await event.wait()
+    await task()
 
 
 def _final_state(outcome: Checkpoint | BaseException | None, *, aborted: bool) -> str:
