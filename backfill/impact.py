@@ -24,7 +24,7 @@ reads no clock (``backfill.canary`` measures; the governor asks).
   are in: over budget, ``d`` is cut in proportion to the excess, at most halved per step, and
   the duty that was clearly too much twice in a row (by half the budget again: not the
   estimate's noise, nor a passing stall) is remembered; within budget, and only if the runner
-  used its allowance, ``d`` grows (by up to a quarter when far below the budget, 5% near it),
+  used its allowance, ``d`` grows (by up to half when far below the budget, 10% near it),
   never past the midpoint to the lowest duty known to be too much, a mark that fades by 10%
   every 5 s (CockroachDB's asymmetric steps, Vitess's good and bad rates, LEDBAT's
   proportional gain and periodic re-measuring). Below full speed, batches shrink with the duty
@@ -60,8 +60,9 @@ START = 0.05  # the duty to start from under load, before anything is known (gen
 # application's tail pays for an overshoot at once, an undershoot costs a few seconds)
 FLOOR = 0.01  # the least duty: the run never stops for good while the budget allows work
 USED = 0.8  # the runner grows only when it worked at least this share of its allowance
-GROW = 0.25  # the most the duty grows per decision (by 5% near the budget): the application's
-# tail pays for every overshoot, and a cut is up to twice as steep
+GROW = 0.5  # the most the duty grows per decision (by a tenth of that near the budget): a
+# decision needs fresh beats after each change, so slower growth took ~30 s to full speed; a
+# cut (up to halving) stays the steeper step: the application's tail pays for every overshoot
 LOOKS = 4  # looks at other sessions that decide whether anybody is there ...
 ARRIVE = 3  # ... of which this many must see one at work for a load to have arrived
 RUNWAY = 0.2  # seconds the runner may go on unasked at full speed: when a load arrives, a
