@@ -61,7 +61,7 @@ START = 0.05  # the duty to start from under load, before anything is known (gen
 FLOOR = 0.01  # the least duty: the run never stops for good while the budget allows work
 USED = 0.8  # the runner grows only when it worked at least this share of its allowance
 GROW = 0.5  # the most the duty grows per decision (by a tenth of that near the budget): a
-# decision needs fresh beats after each change, so slower growth took ~30 s to full speed; a
+# decision needs fresh beats after each change, so a quarter took ~40 s to full speed; a
 # cut (up to halving) stays the steeper step: the application's tail pays for every overshoot
 LOOKS = 4  # looks at other sessions that decide whether anybody is there ...
 ARRIVE = 3  # ... of which this many must see one at work for a load to have arrived
