@@ -1,0 +1,76 @@
+"""What the runner asks the catalog, and the statements that measure a table and its keys."""
+
+from __future__ import annotations
+
+from backfill.sql.target import Target
+
+RELATION = """
+SELECT c.oid::int8 AS oid, c.relkind::text AS relkind
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2
+"""
+COLUMNS = """
+SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type,
+       t.typname::text AS type_name, a.attnotnull AS not_null, a.attnum::int AS attnum
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = $1::oid AND a.attname = ANY($2::text[]) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+# A valid, non-partial unique btree index on exactly the key columns, in the key's order.
+UNIQUE_INDEX = """
+SELECT 1 FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+WHERE i.indrelid = $1::oid AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+  AND i.indexprs IS NULL AND am.amname = 'btree' AND i.indnkeyatts = cardinality($2::int2[])
+  AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality($2::int2[])] = $2::int2[]
+LIMIT 1
+"""
+PRIVILEGES = """
+SELECT has_any_column_privilege($1::oid, 'UPDATE') AS can_update,
+       has_any_column_privilege($1::oid, 'SELECT') AS can_select, current_user::text AS role
+"""
+
+
+def lowest(t: Target) -> str:
+    return f"SELECT {t.as_text()} FROM {t.relation} ORDER BY {t.order()} LIMIT 1"
+
+
+def highest(t: Target) -> str:
+    return f"SELECT {t.as_text()} FROM {t.relation} ORDER BY {t.order('DESC')} LIMIT 1"
+
+
+def quantiles(t: Target) -> str:
+    """The keys that cut a page sample of $1 percent of [$2, $3] into $4 parts of equal row
+    count: $4 - 1 keys in key order (fewer when the sample is smaller). The sample is sorted on
+    the server; only the cuts travel."""
+    return f"""
+SELECT keys FROM (
+    SELECT {t.as_text()} AS keys, row_number() OVER (ORDER BY {t.order()}) AS rn,
+           count(*) OVER () AS n
+    FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4)
+    WHERE {t.row()} >= {t.param_row(2)} AND {t.row()} <= {t.param_row(3)}
+) s
+WHERE rn IN (SELECT 1 + (s.n * i) / $4::int FROM generate_series(1, $4::int - 1) i)
+ORDER BY rn"""
+
+
+ESTIMATED_ROWS = "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::oid"
+
+# Pages of a table (all partitions of a partitioned one), to size a page sample.
+TABLE_PAGES = """
+SELECT coalesce(sum(pg_relation_size(relid)), 0)::int8 / current_setting('block_size')::int8
+FROM pg_partition_tree($1::oid::regclass)
+"""
+
+
+def sample_counts(t: Target) -> str:
+    """Keys in a page sample of $1 percent that lie in the range [$2, $3] (all keys when $2 is
+    NULL), those of them at or below the cursor $4 (none when NULL), and the pages sampled.
+    Comparisons run on the server, in the key's type and collation, so they agree with the order
+    batches follow."""
+    row, lo, hi, cursor = t.row(), t.param_row(2), t.param_row(3), t.param_row(4)
+    return f"""
+SELECT count(*) FILTER (WHERE $2::text[] IS NULL OR ({row} >= {lo} AND {row} <= {hi})) AS in_range,
+       count(*) FILTER (WHERE $4::text[] IS NOT NULL AND {row} >= {lo} AND {row} <= {cursor})
+           AS done,
+       count(DISTINCT (tableoid, (ctid::text::point)[0])) AS pages
+FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4)"""

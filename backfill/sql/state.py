@@ -1,0 +1,180 @@
+"""The state schema (checkpoints, runs, controls, canaries) and the statements that keep it."""
+
+from __future__ import annotations
+
+from backfill.sql.text import SCHEMA
+
+INIT = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.checkpoints (
+    job          text        NOT NULL,
+    shard        integer     NOT NULL DEFAULT 0,
+    shards       integer     NOT NULL DEFAULT 1,
+    fingerprint  text        NOT NULL,
+    target       text        NOT NULL,
+    state        text        NOT NULL,
+    range_lo     text[],
+    range_hi     text[],
+    cursor       text[],
+    rows_updated bigint      NOT NULL DEFAULT 0,
+    rows_skipped bigint      NOT NULL DEFAULT 0,
+    skipped_keys jsonb       NOT NULL DEFAULT '[]',
+    batches      bigint      NOT NULL DEFAULT 0,
+    control      jsonb       NOT NULL DEFAULT '{{}}',
+    holder       text,
+    error        text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    started_at   timestamptz,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz,
+    PRIMARY KEY (job, shard)
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.runs (
+    id             bigserial   PRIMARY KEY,
+    job            text        NOT NULL,
+    shard          integer     NOT NULL DEFAULT 0,
+    fingerprint    text        NOT NULL,
+    version        text        NOT NULL,
+    host           text        NOT NULL,
+    outcome        text        NOT NULL DEFAULT 'running',
+    started_at     timestamptz NOT NULL DEFAULT now(),
+    ended_at       timestamptz,
+    rows_at_start  bigint      NOT NULL DEFAULT 0,
+    batches_at_start bigint    NOT NULL DEFAULT 0,
+    rows_updated   bigint,
+    batches        bigint,
+    error          text
+);
+CREATE INDEX IF NOT EXISTS runs_job ON {SCHEMA}.runs (job, shard, id);
+-- Where the run's cursor was when it started: `status` derives its rate and ETA from it.
+ALTER TABLE {SCHEMA}.runs ADD COLUMN IF NOT EXISTS cursor_at_start text[];
+-- Live control: the job file's speed settings as the last run saw them (for `status`), and the
+-- overrides set before a job's first run (its checkpoints start with them).
+ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS settings jsonb NOT NULL DEFAULT '{{}}';
+CREATE TABLE IF NOT EXISTS {SCHEMA}.controls (
+    job        text        PRIMARY KEY,
+    control    jsonb       NOT NULL DEFAULT '{{}}',
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+-- What the batches of the last group did, as (rows, microseconds, backend pid): the statement
+-- records it, since a group's statements return nothing to the client (see `group`). And
+-- whether the last slice was dense (one integer key: the next slice's end is then computed).
+ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS recent int8[];
+ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS dense boolean NOT NULL DEFAULT false;
+-- The impact budget's canary: a row per job and shard that a running job's probe reads and
+-- writes several times a second (never the checkpoint's row: a batch holds that one), and
+-- where it leaves what it measured, for `status`.
+CREATE TABLE IF NOT EXISTS {SCHEMA}.canaries (
+    job       text             NOT NULL,
+    shard     integer          NOT NULL,
+    beats     bigint           NOT NULL DEFAULT 0,
+    ratio     double precision,
+    budget    double precision,
+    duty      double precision,
+    current_s double precision,
+    baseline_s double precision,
+    deciding  text,
+    at        timestamptz      NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, shard)
+);
+"""
+
+STATE_EXISTS = f"SELECT to_regclass('{SCHEMA}.checkpoints') IS NOT NULL"
+# Everything a later version added to INIT is there (else `backfill init` upgrades it).
+STATE_CURRENT = f"""
+SELECT to_regclass('{SCHEMA}.controls') IS NOT NULL
+   AND to_regclass('{SCHEMA}.canaries') IS NOT NULL
+   AND (SELECT count(*) FROM pg_attribute WHERE attrelid = '{SCHEMA}.checkpoints'::regclass
+        AND attname IN ('settings', 'recent', 'dense') AND NOT attisdropped) = 3
+"""
+
+# An advisory lock per (job, shard); session-level, so it dies with the runner's connection.
+TRY_LOCK = """
+SELECT pg_try_advisory_lock(hashtext('backfill:' || $1), $2) AS locked, pg_backend_pid() AS pid
+"""
+BACKEND_PID = "SELECT pg_backend_pid()"
+UNLOCK = "SELECT pg_advisory_unlock(hashtext('backfill:' || $1), $2)"
+LOCK_HOLDER = """
+SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.backend_start
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted
+  AND l.classid = hashtext('backfill:' || $1)::oid AND l.objid = $2::oid
+"""
+
+LOCK_CREATING = "SELECT pg_advisory_xact_lock(hashtext('backfill:' || $1), $2)"
+SHARD_COUNT = f"SELECT max(shards) FROM {SCHEMA}.checkpoints WHERE job = $1"
+TABLE_SIZE = """
+SELECT c.reltuples::float8, c.relpages::float8
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2
+"""
+LOAD = f"SELECT * FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2"
+LOAD_ALL = f"""
+SELECT * FROM {SCHEMA}.checkpoints WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard
+"""
+CREATE = f"""
+INSERT INTO {SCHEMA}.checkpoints
+    (job, shard, shards, fingerprint, target, state, range_lo, range_hi, cursor, control)
+VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8,
+        coalesce((SELECT control FROM {SCHEMA}.controls WHERE job = $1), '{{}}'))
+ON CONFLICT DO NOTHING
+"""
+START = f"""
+UPDATE {SCHEMA}.checkpoints
+SET state = CASE WHEN state = 'succeeded' THEN state ELSE 'running' END,
+    holder = $3, error = NULL, started_at = coalesce(started_at, now()), updated_at = now()
+WHERE job = $1 AND shard = $2
+"""
+FINISH = f"""
+UPDATE {SCHEMA}.checkpoints
+SET state = $3, error = $4, updated_at = now(),
+    finished_at = CASE WHEN $3 = 'succeeded' THEN now() ELSE finished_at END
+WHERE job = $1 AND shard = $2
+"""
+RESET = f"""
+WITH forgotten AS (DELETE FROM {SCHEMA}.controls WHERE job = $1)
+DELETE FROM {SCHEMA}.checkpoints WHERE job = $1
+"""
+
+# Runs: a row per execution. A run killed without a goodbye is closed by the next one from the
+# checkpoint's counters, so the audit trail stays exact without a write per batch.
+CLOSE_ABANDONED = f"""
+UPDATE {SCHEMA}.runs r
+SET outcome = 'killed', ended_at = c.updated_at,
+    rows_updated = c.rows_updated - r.rows_at_start, batches = c.batches - r.batches_at_start
+FROM {SCHEMA}.checkpoints c
+WHERE r.job = $1 AND r.shard = $2 AND r.outcome = 'running' AND c.job = r.job AND c.shard = r.shard
+"""
+OPEN_RUN = f"""
+INSERT INTO {SCHEMA}.runs
+    (job, shard, fingerprint, version, host, rows_at_start, batches_at_start, cursor_at_start)
+SELECT $1, $2, $3, $4, $5, rows_updated, batches, cursor FROM {SCHEMA}.checkpoints
+WHERE job = $1 AND shard = $2
+RETURNING id
+"""
+# A runner that reconnects keeps its run: one row per run, not per connection.
+RUN_OPEN = f"SELECT id FROM {SCHEMA}.runs WHERE id = $1 AND outcome = 'running'"
+CLOSE_RUN = f"""
+UPDATE {SCHEMA}.runs r
+SET outcome = $2, ended_at = now(), error = $3,
+    rows_updated = c.rows_updated - r.rows_at_start, batches = c.batches - r.batches_at_start
+FROM {SCHEMA}.checkpoints c
+WHERE r.id = $1 AND c.job = r.job AND c.shard = r.shard
+"""
+HISTORY = f"""
+SELECT * FROM {SCHEMA}.runs WHERE job = $1 ORDER BY id DESC LIMIT $2
+"""
+# Each shard's latest run, for the rate and ETA in `status`.
+LATEST_RUNS = f"""
+SELECT DISTINCT ON (job, shard) * FROM {SCHEMA}.runs
+WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard, id DESC
+"""
+NOW = "SELECT clock_timestamp()"
+SKIP = f"""
+UPDATE {SCHEMA}.checkpoints
+SET cursor = $3, rows_skipped = rows_skipped + 1, batches = batches + 1,
+    skipped_keys = skipped_keys || jsonb_build_array(to_jsonb($3::text[])),
+    updated_at = clock_timestamp()
+WHERE job = $1 AND shard = $2
+RETURNING control
+"""
