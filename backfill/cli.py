@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from backfill import __version__
-from backfill.errors import BackfillError, ConfigError, ExitCode
+from backfill.errors import BackfillError, ConfigError, ExitCode, first_error
+from backfill.live import LIVE_KEYS
 
 if TYPE_CHECKING:
     from backfill import commands
@@ -42,11 +43,6 @@ METRICS_PORT = 9477  # settings.DEFAULT_METRICS_PORT, without importing pydantic
 WATCH_SECONDS = 2.0  # `status --watch` without SECONDS
 
 
-def _fail(error: BackfillError) -> typer.Exit:
-    typer.echo(f"backfill: error: {error}", err=True)
-    return typer.Exit(int(error.exit_code))
-
-
 def _params() -> ConnectParams:
     from pydantic import ValidationError
 
@@ -55,17 +51,14 @@ def _params() -> ConnectParams:
     try:
         return DatabaseSettings().params()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"connection settings: {first['loc'][-1]}: {first['msg']}") from exc
+        where, message = first_error(exc)
+        raise ConfigError(f"connection settings: {where[-1]}: {message}") from exc
 
 
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
     import anyio
 
-    try:
-        return anyio.run(fn, backend="asyncio", backend_options=_loop_options())
-    except BackfillError as error:
-        raise _fail(error) from None
+    return anyio.run(fn, backend="asyncio", backend_options=_loop_options())
 
 
 def _loop_options() -> dict[str, Any]:
@@ -76,18 +69,16 @@ def _loop_options() -> dict[str, Any]:
     try:
         import uvloop  # noqa: F401
     except ImportError:
-        raise _fail(ConfigError("BACKFILL_UVLOOP=1 but uvloop is not installed: "
-                                "pip install 'backfill[fast]'")) from None
+        raise ConfigError(
+            "BACKFILL_UVLOOP=1 but uvloop is not installed: pip install 'backfill[fast]'"
+        ) from None
     return {"use_uvloop": True}
 
 
 def _job(path: Path) -> Job:
     from backfill.job import load_job
 
-    try:
-        return load_job(path)
-    except BackfillError as error:
-        raise _fail(error) from None
+    return load_job(path)
 
 
 def _version(show: bool) -> None:
@@ -119,7 +110,7 @@ def init() -> None:
     Idempotent; run it again after an upgrade."""
     from backfill import commands
 
-    params = _params_or_exit()
+    params = _params()
     _run(lambda: commands.init(params))
     typer.echo("state schema 'backfill' is ready")
 
@@ -133,7 +124,7 @@ def plan(path: JobPath) -> None:
     from backfill.checkpoint import show_key
     from backfill.progress import human_seconds
 
-    job, params = _job(path), _params_or_exit()
+    job, params = _job(path), _params()
     p = _run(lambda: commands.plan(job, params))
     typer.echo(f"job       {p.job}\ntable     {p.table}\nkey       {p.key}")
     typer.echo(f"range     {show_key(p.range_lo)} .. {show_key(p.range_hi)}")
@@ -187,12 +178,9 @@ def run(
     from backfill import commands
     from backfill.ranges import Shard
 
-    job, params = _job(path), _params_or_exit()
-    try:
-        part = Shard.parse(shard) if shard is not None else Shard()
-        telemetry = _telemetry(metrics_port=metrics_port, log_every=progress_every)
-    except BackfillError as error:
-        raise _fail(error) from None
+    job, params = _job(path), _params()
+    part = Shard.parse(shard) if shard is not None else Shard()
+    telemetry = _telemetry(metrics_port=metrics_port, log_every=progress_every)
     ckpt = _run(lambda: commands.run(job, params, shard=part, telemetry=telemetry))
     label = f" shard {part}" if part.count > 1 else ""
     typer.echo(
@@ -223,7 +211,7 @@ def status(
         raise typer.Exit(int(ExitCode.USAGE))
     from backfill import statusview
 
-    params = _params_or_exit()
+    params = _params()
     if watch is not None:
         try:
             _run(lambda: statusview.watch(params, name, every=watch, out=_console()))
@@ -251,7 +239,7 @@ def verify(path: JobPath) -> None:
     Exits 0 only if none is left."""
     from backfill import commands
 
-    job, params = _job(path), _params_or_exit()
+    job, params = _job(path), _params()
     left = _run(lambda: commands.verify(job, params))
     typer.echo(f"{left:,} rows in range still match where")
     if left:
@@ -269,7 +257,7 @@ def reset(
         raise typer.Exit(int(ExitCode.USAGE))
     from backfill import commands
 
-    params = _params_or_exit()
+    params = _params()
     n = _run(lambda: commands.reset(params, name))
     typer.echo(f"forgot {n} checkpoint(s) of job {name}")
 
@@ -281,7 +269,7 @@ def pause(name: Name) -> None:
     Its runner waits, across restarts too, until `backfill resume`."""
     from backfill import commands
 
-    params = _params_or_exit()
+    params = _params()
     _said(_run(lambda: commands.pause(params, name)), f"job {name} paused")
 
 
@@ -290,7 +278,7 @@ def resume(name: Name) -> None:
     """Undo `pause`: a waiting runner goes on within check_every."""
     from backfill import commands
 
-    params = _params_or_exit()
+    params = _params()
     _said(_run(lambda: commands.resume(params, name)), f"job {name} resumed")
 
 
@@ -300,10 +288,7 @@ def set_(
     assignments: Annotated[
         list[str],
         typer.Argument(
-            help="key=value pairs: batch.size, batch.max_size, batch.target_seconds, "
-            "batch.sleep_seconds, batch.sleep_ratio, limits.max_rows_per_second, "
-            "throttle.check_every, throttle.max_replication_lag, throttle.max_slot_lag_bytes, "
-            "throttle.max_active_sessions, throttle.on_check_error. A value 'off' switches an "
+            help=f"key=value pairs: {', '.join(LIVE_KEYS)}. A value 'off' switches an "
             "optional limit off; 'default' goes back to the job file's value.",
             show_default=False,
         ),
@@ -312,7 +297,7 @@ def set_(
     """Change a job's live settings, running or not."""
     from backfill import commands
 
-    params = _params_or_exit()
+    params = _params()
     _said(_run(lambda: commands.set_live(params, name, assignments)), f"job {name} updated")
 
 
@@ -355,11 +340,8 @@ def demo(
     --keep the server stays up (with a second job to try) until Ctrl-C removes it."""
     from backfill import demo as demo_module
 
-    try:
-        telemetry = _telemetry(metrics_port=metrics_port, log_every=None)
-        demo_module.main(rows=rows, batch_size=batch_size, keep=keep, telemetry=telemetry)
-    except BackfillError as error:
-        raise _fail(error) from None
+    telemetry = _telemetry(metrics_port=metrics_port, log_every=None)
+    demo_module.main(rows=rows, batch_size=batch_size, keep=keep, telemetry=telemetry)
 
 
 @app.command()
@@ -391,14 +373,10 @@ def manifest(
     Then: kubectl apply -k DIR."""
     from backfill import manifest as manifests
 
-    try:
-        made = manifests.overlay(
-            str(path), str(out), image=image, shards=shards,
-            base=None if base is None else str(base),
-        )
-        made.write(force=force)
-    except BackfillError as error:
-        raise _fail(error) from None
+    made = manifests.overlay(
+        str(path), str(out), image=image, shards=shards, base=None if base is None else str(base)
+    )
+    made.write(force=force)
     for name in made.files:
         typer.echo(f"wrote {out / name}")
     typer.echo(f"apply it with: kubectl apply -k {out}")
@@ -412,32 +390,9 @@ def _telemetry(*, metrics_port: int | None, log_every: float | None) -> Telemetr
     try:
         settings = TelemetrySettings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"metrics settings: {first['loc'][-1]}: {first['msg']}") from exc
+        where, message = first_error(exc)
+        raise ConfigError(f"metrics settings: {where[-1]}: {message}") from exc
     return settings.telemetry(metrics_port=metrics_port, log_every=log_every)
-
-
-def _params_or_exit() -> ConnectParams:
-    try:
-        return _params()
-    except BackfillError as error:
-        raise _fail(error) from None
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _watch_seconds(argv: list[str]) -> list[str]:
@@ -455,7 +410,12 @@ def _watch_seconds(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    """The console script: every ``BackfillError`` a command raises ends here, as one line on
+    stderr and its documented exit code."""
     try:
         app(args=_watch_seconds(sys.argv[1:]))
+    except BackfillError as error:
+        typer.echo(f"backfill: error: {error}", err=True)
+        sys.exit(int(error.exit_code))
     except KeyboardInterrupt:
         sys.exit(int(ExitCode.TEMPFAIL))

@@ -14,7 +14,7 @@ import anyio
 import asyncpg
 
 from backfill import __version__, catalog, ranges, sql
-from backfill.checkpoint import Checkpoint, to_checkpoint
+from backfill.checkpoint import Checkpoint, to_checkpoint, vanished
 from backfill.control import file_settings
 from backfill.errors import ConfigError, ConnectionLost, Contention, JobBusy, StatementTimeout
 from backfill.job import Job
@@ -203,7 +203,7 @@ class PgConnector:
 async def _load(conn: asyncpg.Connection, name: str, shard: int) -> Checkpoint:
     row = await conn.fetchrow(sql.LOAD, name, shard)
     if row is None:
-        raise ConfigError(f"the checkpoint of job {name} vanished (reset mid-run?)")
+        raise vanished(name)
     return to_checkpoint(row)
 
 

@@ -24,8 +24,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from backfill.errors import ConfigError
-from backfill.job import BatchConfig, Job, Limits, ThrottleConfig
+from backfill.errors import ConfigError, first_error
+from backfill.job import JOB_NAME, BatchConfig, Job, Limits, ThrottleConfig
+from backfill.live import LIVE_KEYS
 from backfill.sizing import AdaptiveSizer
 
 log = logging.getLogger(__name__)
@@ -34,23 +35,9 @@ PAUSED = "paused"  # the control key that `pause` sets and `resume` removes
 SECTIONS: dict[str, type[BaseModel]] = {
     "batch": BatchConfig, "limits": Limits, "throttle": ThrottleConfig,
 }
-LIVE_KEYS = (
-    "batch.size",
-    "batch.max_size",
-    "batch.target_seconds",
-    "batch.sleep_seconds",
-    "batch.sleep_ratio",
-    "limits.max_rows_per_second",
-    "throttle.check_every",
-    "throttle.max_replication_lag",
-    "throttle.max_slot_lag_bytes",
-    "throttle.max_active_sessions",
-    "throttle.on_check_error",
-    "throttle.max_impact",
-)
 DEFAULT = "default"  # `set key=default` removes the override
 OFF = ("off", "none")  # `set key=off` switches an optional limit off
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # as Job.name
+_NAME = re.compile(JOB_NAME)
 
 
 def file_settings(job: Job) -> dict[str, Any]:
@@ -89,9 +76,8 @@ class Knobs:
 
 
 def _first_error(exc: ValidationError, section: str) -> str:
-    first = exc.errors()[0]
-    where = ".".join([section, *(str(p) for p in first["loc"])])
-    return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+    where, message = first_error(exc)
+    return f"{'.'.join([section, *where])}: {message}"
 
 
 def resolve(base: Knobs, control: Mapping[str, Any]) -> tuple[Knobs, list[str]]:
@@ -204,8 +190,7 @@ def _check_value(key: str, text: str) -> None:
     try:
         TypeAdapter(field_type).validate_python(text)
     except ValidationError as exc:
-        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{key}: {message}") from exc
+        raise ConfigError(f"{key}: {first_error(exc)[1]}") from exc
 
 
 def merge(

@@ -15,6 +15,8 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from backfill.checkpoint import BatchResult
 
 
@@ -107,3 +109,10 @@ def one_line(exc: BaseException) -> str:
     """An exception as one line of a message: its class and the first line of its text."""
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def first_error(exc: ValidationError) -> tuple[tuple[str, ...], str]:
+    """The first problem pydantic found: the field's path and the message, without pydantic's
+    ``Value error,`` prefix."""
+    first = exc.errors()[0]
+    return tuple(str(p) for p in first["loc"]), first["msg"].removeprefix("Value error, ")

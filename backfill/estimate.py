@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from backfill import catalog, sql
-from backfill.checkpoint import SUCCEEDED, Checkpoint, Key
+from backfill.checkpoint import SUCCEEDED, Checkpoint, key_param
 from backfill.connector import open_connection
 from backfill.job import Job
 from backfill.observers import Quiet
@@ -68,9 +68,9 @@ async def sample(params: ConnectParams, job: Job, checkpoint: Checkpoint) -> Key
         row = await conn.fetchrow(
             sql.sample_counts(target),
             percent,
-            _text(checkpoint.range_lo),
-            _text(checkpoint.range_hi),
-            _text(checkpoint.cursor),
+            key_param(checkpoint.range_lo),
+            key_param(checkpoint.range_hi),
+            key_param(checkpoint.cursor),
         )
     finally:
         await conn.close(timeout=2)
@@ -117,6 +117,3 @@ async def estimate_progress(
     for tracker in trackers:
         tracker.use_estimate(estimate, now)
 
-
-def _text(key: Key | None) -> list[str] | None:
-    return list(key) if key is not None else None

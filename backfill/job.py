@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from backfill.errors import ConfigError
+from backfill.errors import ConfigError, first_error
 from backfill.sql import fragment_problem
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}\Z")  # \Z: "$" would allow a final "\n"
@@ -82,6 +82,9 @@ def parse_share(value: object) -> float:
 
 
 Share = Annotated[float, BeforeValidator(parse_share)]
+
+
+JOB_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # also names its checkpoint, its lock and its metrics
 
 
 class _Frozen(BaseModel):
@@ -157,7 +160,7 @@ class Table(_Frozen):
 class Job(_Frozen):
     """A validated job definition."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    name: str = Field(pattern=JOB_NAME)
     table: Table
     key: tuple[str, ...]
     set: str = Field(min_length=1, max_length=100_000)
@@ -239,7 +242,5 @@ def parse_job(data: dict[str, object], *, source: str = "job") -> Job:
     try:
         return Job.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "job"
-        message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{source}: {field}: {message}") from exc
+        where, message = first_error(exc)
+        raise ConfigError(f"{source}: {'.'.join(where) or 'job'}: {message}") from exc

@@ -26,6 +26,7 @@ from backfill.checkpoint import (
     BatchResult,
     Checkpoint,
     Key,
+    show_key,
 )
 from backfill.errors import (
     BackfillError,
@@ -304,7 +305,7 @@ class Loop:
             return cursor
         if not self.policy.skip_bad_rows:
             raise RowError(
-                f"row with key {_show(key)} makes the SET fail: {failure}", keys=key
+                f"row with key {show_key(key)} makes the SET fail: {failure}", keys=key
             ) from failure
         await session.skip(key)
         self.observer.skipped(key)
@@ -328,7 +329,3 @@ async def _quietly(awaitable: Awaitable[None]) -> None:
             await awaitable
         except Exception as exc:
             log.warning("could not save final state", extra={"error": str(exc)})
-
-
-def _show(key: Key) -> str:
-    return key[0] if len(key) == 1 else "(" + ", ".join(key) + ")"

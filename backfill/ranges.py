@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from backfill import sql
-from backfill.checkpoint import Key
+from backfill.checkpoint import Key, key_param
 from backfill.errors import ConfigError
 from backfill.job import Job
 from backfill.sql import Target
@@ -78,6 +78,13 @@ def split(lo: Key | None, hi: Key | None, cuts: Sequence[Key], count: int) -> li
     ]
 
 
+async def bounds(conn: asyncpg.Connection, target: Target) -> tuple[Key | None, Key | None]:
+    """The table's lowest and highest key today (None, None when it is empty)."""
+    lo = await conn.fetchval(sql.lowest(target))
+    hi = await conn.fetchval(sql.highest(target))
+    return (tuple(lo) if lo else None), (tuple(hi) if hi else None)
+
+
 async def create_checkpoints(
     conn: asyncpg.Connection, job: Job, target: Target, *, shards: int
 ) -> None:
@@ -90,9 +97,7 @@ async def create_checkpoints(
             if existing != shards:
                 raise mismatch(job.name, existing, shards)
             return
-        lo_v = await conn.fetchval(sql.lowest(target))
-        hi_v = await conn.fetchval(sql.highest(target))
-        lo, hi = (tuple(lo_v) if lo_v else None), (tuple(hi_v) if hi_v else None)
+        lo, hi = await bounds(conn, target)
         cuts: list[Key] = []
         if shards > 1 and lo is not None:
             percent = await _sample_percent(conn, job)
@@ -103,7 +108,7 @@ async def create_checkpoints(
             sql.CREATE,
             [
                 (job.name, i, shards, job.fingerprint, job.table.display,
-                 _list(s.lo), _list(s.hi), _list(s.cursor))
+                 key_param(s.lo), key_param(s.hi), key_param(s.cursor))
                 for i, s in enumerate(spans)
             ],
         )
@@ -130,6 +135,3 @@ async def _sample_percent(conn: asyncpg.Connection, job: Job) -> float:
     share = max(SAMPLE_ROWS / max(tuples, 1.0), SAMPLE_PAGES / max(pages, 1.0))
     return min(100.0, max(0.01, 100.0 * share))
 
-
-def _list(key: Key | None) -> list[str] | None:
-    return list(key) if key is not None else None

@@ -16,7 +16,7 @@ import anyio
 import asyncpg
 
 from backfill import sql
-from backfill.checkpoint import BatchResult, Checkpoint, Key, to_checkpoint
+from backfill.checkpoint import BatchResult, Checkpoint, Key, to_checkpoint, vanished
 from backfill.errors import (
     BatchFailure,
     ConfigError,
@@ -163,7 +163,7 @@ class PgSession:
             raise self._translate(exc) from exc
         seconds = time.perf_counter() - start
         if row is None:
-            raise ConfigError(f"the checkpoint of job {self.job.name} vanished (reset mid-run?)")
+            raise vanished(self.job.name)
         self._own(row["pid"])
         # This session's batches: the last group's entries in ``recent`` that its backend
         # wrote (another runner's, were there one despite the lock, are not its own).
@@ -230,9 +230,7 @@ class PgSession:
         if isinstance(error, Superseded) and not self.conn.is_closed():
             with contextlib.suppress(Exception):
                 if await self.conn.fetchrow(sql.LOAD, self.job.name, self.shard) is None:
-                    return ConfigError(
-                        f"the checkpoint of job {self.job.name} vanished (reset mid-run?)"
-                    )
+                    return vanished(self.job.name)
         return error
 
     async def next_key(self, cursor: Key | None) -> Key | None:

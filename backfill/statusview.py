@@ -24,6 +24,7 @@ from backfill.checkpoint import FAILED, PAUSED, RUNNING, SUCCEEDED, THROTTLED, s
 from backfill.commands import Rate, Status
 from backfill.errors import BackfillError, ConfigError
 from backfill.impact import describe
+from backfill.live import LIVE_KEYS
 from backfill.progress import fraction, human_seconds
 from backfill.settings import ConnectParams
 
@@ -237,7 +238,7 @@ def _live_lines(
     lines = [f"  paused by an operator: `backfill resume {job}` to go on"] if overrides.get(
         control.PAUSED
     ) else []
-    for key in control.LIVE_KEYS:
+    for key in LIVE_KEYS:
         if key in overrides:
             was = control.show(settings.get(key, "?"))
             lines.append(f"  {key:<30} {control.show(overrides[key])}  (live; job file: {was})")

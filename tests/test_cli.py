@@ -224,3 +224,13 @@ def test_good_input_gets_as_far_as_the_database(tmp_path: Path) -> None:
     for args in (["set", "users-display-name", "batch.size=500"], ["status"], ["run", path]):
         out = cli(*args, env=offline_env(), timeout=60)
         assert out.returncode == 69 and "127.0.0.1:1" in out.stderr, (args, out.stderr)
+
+
+def test_set_help_lists_every_live_setting() -> None:
+    """The help is built from the live keys, so a new live setting cannot be left out of it."""
+    from backfill.live import LIVE_KEYS
+
+    out = cli("set", "--help", env=offline_env(), timeout=30)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0, out.stderr
+    assert [key for key in LIVE_KEYS if key not in text] == [], text

@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 
 from backfill.checkpoint import BatchResult
-from backfill.control import LIVE_KEYS, Knobs, Live, merge, parse_assignments, resolve
+from backfill.control import Knobs, Live, merge, parse_assignments, resolve
 from backfill.errors import ConfigError
 from backfill.gates import CheckError, Gates
 from backfill.governor import Governor
 from backfill.impact import Verdict
 from backfill.job import parse_job
+from backfill.live import LIVE_KEYS
 from backfill.protocols import Pause
 from backfill.ratelimit import RateLimit
 from backfill.sizing import AdaptiveSizer

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from backfill import catalog, sql
+from backfill import catalog, ranges, sql
 from backfill.checkpoint import Checkpoint, to_checkpoint
 from backfill.commands._common import guard
 from backfill.connector import open_connection
@@ -56,11 +56,7 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
     if ckpt is not None:
         lo, hi, cursor = ckpt.range_lo, ckpt.range_hi, ckpt.cursor
     else:
-        lo_v = await conn.fetchval(sql.lowest(target))
-        hi_v = await conn.fetchval(sql.highest(target))
-        lo = tuple(lo_v) if lo_v else None
-        hi = tuple(hi_v) if hi_v else None
-        cursor = None
+        (lo, hi), cursor = await ranges.bounds(conn, target), None
     first = cursor is None
     statement = sql.batch(target, set_=job.set, where=job.where, first=first)
     dry = sql.dry_batch(target, set_=job.set, where=job.where, first=first)
@@ -119,7 +115,7 @@ async def _verify(conn: asyncpg.Connection, job: Job, size: int) -> int:
         if rows:
             lo, hi = rows[0]["range_lo"], rows[-1]["range_hi"]
     if lo is None:
-        lo, hi = await conn.fetchval(sql.lowest(target)), await conn.fetchval(sql.highest(target))
+        lo, hi = await ranges.bounds(conn, target)
     if lo is None:
         return 0
     first_q = sql.count_slice(target, where=job.where, first=True)
