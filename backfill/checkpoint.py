@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from backfill.errors import ConfigError
-
 Key = tuple[str, ...]
 
 
@@ -26,11 +24,6 @@ def show_key(key: Key | None) -> str:
 def key_param(key: Key | None) -> list[str] | None:
     """A key as the ``text[]`` parameter statements take (None stays NULL)."""
     return list(key) if key is not None else None
-
-
-def vanished(job: str) -> ConfigError:
-    """The error when a job's checkpoint row is gone under a running runner."""
-    return ConfigError(f"the checkpoint of job {job} vanished (reset mid-run?)")
 
 RUNNING = "running"
 THROTTLED = "throttled"

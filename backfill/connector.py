@@ -14,9 +14,16 @@ import anyio
 import asyncpg
 
 from backfill import __version__, catalog, ranges, sql
-from backfill.checkpoint import Checkpoint, to_checkpoint, vanished
+from backfill.checkpoint import Checkpoint, to_checkpoint
 from backfill.control import file_settings
-from backfill.errors import ConfigError, ConnectionLost, Contention, JobBusy, StatementTimeout
+from backfill.errors import (
+    ConfigError,
+    ConnectionLost,
+    Contention,
+    JobBusy,
+    StatementTimeout,
+    Vanished,
+)
 from backfill.job import Job
 from backfill.pg import POOLER_HINT, Budget, connect, translate
 from backfill.ranges import WHOLE, Shard
@@ -203,7 +210,7 @@ class PgConnector:
 async def _load(conn: asyncpg.Connection, name: str, shard: int) -> Checkpoint:
     row = await conn.fetchrow(sql.LOAD, name, shard)
     if row is None:
-        raise vanished(name)
+        raise Vanished(name)
     return to_checkpoint(row)
 
 

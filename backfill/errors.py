@@ -40,6 +40,13 @@ class ConfigError(BackfillError):
     exit_code = ExitCode.CONFIG
 
 
+class Vanished(ConfigError):
+    """A job's checkpoint row is gone under its runner."""
+
+    def __init__(self, job: str) -> None:
+        super().__init__(f"the checkpoint of job {job} vanished (reset mid-run?)")
+
+
 class RowError(BackfillError):
     """A row makes the job's SET fail permanently; ``keys`` names it."""
 

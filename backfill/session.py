@@ -16,12 +16,13 @@ import anyio
 import asyncpg
 
 from backfill import sql
-from backfill.checkpoint import BatchResult, Checkpoint, Key, to_checkpoint, vanished
+from backfill.checkpoint import BatchResult, Checkpoint, Key, to_checkpoint
 from backfill.errors import (
     BatchFailure,
     ConfigError,
     StatementTimeout,
     Superseded,
+    Vanished,
 )
 from backfill.job import Job
 from backfill.pg import CLIENT_SLACK, translate
@@ -163,7 +164,7 @@ class PgSession:
             raise self._translate(exc) from exc
         seconds = time.perf_counter() - start
         if row is None:
-            raise vanished(self.job.name)
+            raise Vanished(self.job.name)
         self._own(row["pid"])
         # This session's batches: the last group's entries in ``recent`` that its backend
         # wrote (another runner's, were there one despite the lock, are not its own).
@@ -230,7 +231,7 @@ class PgSession:
         if isinstance(error, Superseded) and not self.conn.is_closed():
             with contextlib.suppress(Exception):
                 if await self.conn.fetchrow(sql.LOAD, self.job.name, self.shard) is None:
-                    return vanished(self.job.name)
+                    return Vanished(self.job.name)
         return error
 
     async def next_key(self, cursor: Key | None) -> Key | None:
