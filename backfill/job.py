@@ -100,6 +100,10 @@ class BatchConfig(_Frozen):
     target_seconds: Seconds | None = Field(None, ge=0.01, le=600)
     # Pause this multiple of the last batch's duration after it (0.5: busy at most 2/3 of the time).
     sleep_ratio: float = Field(0.0, ge=0, le=100)
+    # Whether each batch's commit waits for its WAL to be flushed (and for synchronous
+    # standbys). False: a crash may lose the last batches, each with its checkpoint, and the
+    # run redoes them (docs/failure-behaviour.md).
+    wait_for_flush: bool = False
 
     @model_validator(mode="after")
     def _ordered(self) -> BatchConfig:

@@ -78,6 +78,9 @@ class RunMetrics:
         self.opened = False  # a session opened: this run held the job's lock
         self.current_state = ""
         self._pending: BatchFailure | None = None  # a rolled-back attempt not yet resolved
+        # The checkpoint's rows when this process's run started, and the rows counted since.
+        self._rows_base: int | None = None
+        self._rows_counted = 0
         self._budget: tuple[Budget, Callable[[], bool]] | None = None  # see watch()
         self._impact_on = False
         self._states = list(STATES)
@@ -211,6 +214,8 @@ class RunMetrics:
 
     def started(self, checkpoint: Checkpoint) -> None:
         self.opened = True
+        if self._rows_base is None:
+            self._rows_base = checkpoint.rows_updated
         self.tracker.start(checkpoint, self.monotonic())
         self._refresh()
 
@@ -218,12 +223,18 @@ class RunMetrics:
         self._resolve("retried")
         ids = (self.job, self.shard)
         self.batches.labels(*ids, "committed").inc()
-        self.rows_updated.labels(*ids).inc(result.rows)
         if result.seconds > 0:  # 0: a batch found committed after a lost connection
             self.duration.labels(*ids).observe(result.seconds)
         self.batch_size.labels(*ids).set(result.size)
         self.last_commit.labels(*ids).set(self.clock())
         self.tracker.commit(result, self.monotonic())
+        # Rows count once the checkpoint holds more than it ever did: after a server crash lost
+        # the last batches it had acknowledged (unflushed commits), the session restarts the
+        # tracker from the checkpoint, and the redone batches' rows were counted already.
+        ahead = self.tracker.rows - (self._rows_base or 0) - self._rows_counted
+        if ahead > 0:
+            self.rows_updated.labels(*ids).inc(ahead)
+            self._rows_counted += ahead
         self._refresh()
 
     def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:

@@ -77,7 +77,8 @@ class PgSession:
         return self._checkpoint
 
     def _batch(self, *, first: bool) -> str:
-        return sql.batch(self.target, set_=self.job.set, where=self.job.where, first=first)
+        return sql.batch(self.target, set_=self.job.set, where=self.job.where, first=first,
+                         flush=self.job.batch.wait_for_flush)
 
     async def prepare(self) -> None:
         """Prepare the batch statements: validates ``set`` and ``where`` before any write."""

@@ -1,5 +1,7 @@
 """Issue 11's fast path: the runner's whole process against the COMMIT-per-batch procedure as
-paired, interleaved repetitions, its own CPU per batch, its start-up, and uvloop A/B.
+paired, interleaved repetitions, its own CPU per batch, its start-up, and uvloop A/B. The
+runner runs in both commit modes (issue 20): batches that do not wait for the WAL flush (the
+default) and ``wait_for_flush = true``.
 
 Every repetition runs, one right after the other (so that a pair sees the same moment of a
 noisy machine): the procedure and the runner at each batch size, the runner with
@@ -40,6 +42,9 @@ log = logging.getLogger("benchmarks")
 
 EMPTY = "runner-1-row"
 UVLOOP_ENV = {"BACKFILL_UVLOOP": "1"}
+# The runner with every batch waiting for its commit's flush (``[batch] wait_for_flush``), as it
+# did before issue 20; the plain runner-N arms run with the default (no wait).
+FLUSH = "flush"
 
 FIRST_BATCH = f"""
 CREATE TABLE public.bench_first_batch (at timestamptz NOT NULL, micros int8);
@@ -89,6 +94,9 @@ async def fastpath(bench: Bench, opts: Options) -> dict[str, Any]:
         "paired": {
             str(size): _paired(samples, f"runner-{size}", f"procedure-{size}")
             for size in opts.batch_sizes
+        } | {
+            f"{size}-{FLUSH}": _paired(samples, f"runner-{size}-{FLUSH}", f"procedure-{size}")
+            for size in opts.batch_sizes
         },
         "cpu_ms_per_batch": {
             name: _cpu(runs, samples[EMPTY]) for name, runs in samples.items()
@@ -109,22 +117,24 @@ def _plan(bench: Bench, opts: Options, rep: int, *, uvloop: bool) -> list[tuple[
             return (await baselines.procedure(bench, size)).as_dict()
         return run
 
-    def cli(name: str, size: int, env: dict[str, str] | None = None) -> Run:
+    def cli(name: str, size: int, env: dict[str, str] | None = None, *,
+            flush: bool = False) -> Run:
         async def run() -> dict[str, Any]:
             await bench.reset()
-            fields = runner.job_fields(size=size)
+            fields = runner.job_fields(size=size, batch={"wait_for_flush": flush})
             return (await runner.cli_run(bench, fields, name, env=env)).as_dict()
         return run
 
     plan: list[tuple[str, Run]] = []
     for size in opts.batch_sizes:
-        plan += [
-            (f"procedure-{size}", procedure(size)), (f"runner-{size}", cli(f"runner-{size}", size))
-        ]
+        arms = [(f"runner-{size}", cli(f"runner-{size}", size)),
+                (f"runner-{size}-{FLUSH}", cli(f"runner-{size}-{FLUSH}", size, flush=True))]
+        # The procedure first, then both modes, in turns: neither always follows the other.
+        plan += [(f"procedure-{size}", procedure(size)), *(arms if rep % 2 == 0 else arms[::-1])]
     if uvloop:
         small = opts.batch_sizes[0]
         arm = (_uvloop(small), cli(_uvloop(small), small, UVLOOP_ENV))
-        plan.insert(2 if rep % 2 == 0 else 0, arm)
+        plan.insert(3 if rep % 2 == 0 else 0, arm)
     return [*plan, (EMPTY, lambda: _one_row(bench, opts.batch_sizes[0]))]
 
 

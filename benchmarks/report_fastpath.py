@@ -1,4 +1,4 @@
-"""The fast path's table and bars (issue 11), next to the other tables of the report."""
+"""The fast path's table and bars (issues 11 and 20), next to the other tables of the report."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from typing import Any
 
 from benchmarks.bars import bar, num, span
 
-GOALS = {1000: 0.97, 10_000: 1.0}  # runner / procedure rows/s, whole process
-HELP_SECONDS, FIRST_BATCH_SECONDS, CPU_MS = 0.2, 0.35, 0.2
+# Runner / procedure rows/s, whole process, batches not waiting for the flush (the default).
+GOALS = {1000: 1.05, 10_000: 1.1}
+HELP_SECONDS, FIRST_BATCH_SECONDS, CPU_MS = 0.2, 0.2, 0.2
 
 
 def markdown(results: dict[str, Any]) -> list[str]:
@@ -24,12 +25,14 @@ def markdown(results: dict[str, Any]) -> list[str]:
         "runner CPU ms a batch: whole / without start-up |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for size, paired in section["paired"].items():
+    for key, paired in section["paired"].items():
+        size, _, mode = key.partition("-")  # "1000", or "1000-flush": wait_for_flush = true
         rates = paired["rows_per_second"]
+        label = f"{size}, waits for the flush" if mode else size
         lines.append(
-            f"| {size} | {num(rates[f'procedure-{size}']['median'], 0)} | "
-            f"{num(rates[f'runner-{size}']['median'], 0)} | {span(paired['whole'])} | "
-            f"{span(paired['in_run'])} | {_cpu(section, f'runner-{size}')} |"
+            f"| {label} | {num(rates[f'procedure-{size}']['median'], 0)} | "
+            f"{num(rates[f'runner-{key}']['median'], 0)} | {span(paired['whole'])} | "
+            f"{span(paired['in_run'])} | {_cpu(section, f'runner-{key}')} |"
         )
     lines += [*_uvloop(section), "", _startup(section), ""]
     return lines
@@ -73,7 +76,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     out = []
     for size, paired in section["paired"].items():
-        limit = GOALS.get(int(size))
+        limit = GOALS.get(int(size)) if size.isdigit() else None
         if limit is None:
             continue
         whole = paired["whole"]
@@ -92,7 +95,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         s["first_batch_seconds"]["median"], FIRST_BATCH_SECONDS, at_most=True,
         text=f"{span(s['first_batch_seconds'], 3, ' s')} (1-row runs)",
     ))
-    small = min(int(size) for size in section["paired"])
+    small = min(int(size) for size in section["paired"] if size.isdigit())
     cpu = section["cpu_ms_per_batch"].get(f"runner-{small}")
     if cpu is not None:
         without = cpu["without_startup"]["median"]

@@ -73,6 +73,14 @@ def scenarios(opts: Options) -> list[Scenario]:
             "runner-target-0.1", "runner, target_seconds 0.1", cli("runner-target-0.1", target),
             True, unavailable=runner.supported(target),
         ),
+        # Issue 20: every batch waiting for its commit's flush, as before (effect only; the
+        # fast path compares both modes' throughput).
+        Scenario(
+            f"runner-{small}-flush", f"runner, batch {small}, wait_for_flush",
+            cli(f"runner-{small}-flush",
+                runner.job_fields(size=small, batch={"wait_for_flush": True})),
+            True, throughput=False,
+        ),
         Scenario(
             "runner-sleep-0.05", f"runner, batch {small} + sleep 0.05",
             cli("runner-sleep-0.05", runner.job_fields(size=small, sleep_seconds=0.05)), True,

@@ -33,9 +33,10 @@ def anyio_backend() -> str:
     return "asyncio"  # asyncpg is asyncio-only
 
 
-def temp_server(**options: Any) -> TempPostgres:
-    """A test server (not started) on the suite's PostgreSQL (``BACKFILL_TEST_PG_BINDIR``)."""
-    return TempPostgres(fast=True, bindir=Path(BINDIR) if BINDIR else None, **options)
+def temp_server(*, fast: bool = True, **options: Any) -> TempPostgres:
+    """A test server (not started) on the suite's PostgreSQL (``BACKFILL_TEST_PG_BINDIR``);
+    ``fast``: fsync and synchronous_commit off."""
+    return TempPostgres(fast=fast, bindir=Path(BINDIR) if BINDIR else None, **options)
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,21 @@ def value(metrics: RunMetrics, name: str, **labels: str) -> float:
     return samples(metrics)[key]
 
 
+
+def test_rows_a_crash_lost_are_counted_once_when_redone() -> None:
+    """A server crash can lose the last batches it acknowledged (unflushed commits) with their
+    checkpoint: the next session starts from less than the runner counted, and redoes them."""
+    m = RunMetrics(job="users", table="public.users")
+    m.started(checkpoint(cursor=("100",), rows_updated=50, batches=1))  # an earlier run's
+    for cursor in (200, 300, 400):
+        m.committed(batch(cursor, rows=100))
+    assert value(m, "backfill_rows_updated_total") == 300
+    m.started(checkpoint(cursor=("200",), rows_updated=150, batches=2))  # 300 and 400 lost
+    for cursor, counted in ((300, 300), (400, 300), (500, 400)):
+        m.committed(batch(cursor, rows=100))
+        assert value(m, "backfill_rows_updated_total") == counted
+    assert m.tracker.rows - 50 == 400  # the checkpoint's rows, less the earlier run's
+
 def test_counts_what_happened() -> None:
     clock, mono = Clock(), Clock(0.0)
     m = RunMetrics(job="users", table="public.users", clock=clock, monotonic=mono)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -68,11 +68,14 @@ def test_help_and_version_import_nothing_heavy(args: list[str]) -> None:
 
 
 def test_help_starts_quickly() -> None:
-    """The best of five: the machine's noise only ever adds time."""
+    """The best of five, in the process's CPU time (user + system): on a machine shared with
+    other test runs its wall time also waits for a core (it failed at 0.57 s with a load of 6
+    on 2 cores), and the machine's noise only ever adds time."""
     times = []
     for _ in range(5):
-        start = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = _backfill("-m", "backfill", "--help")
-        times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        times.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         assert out.returncode == 0 and "Usage:" in out.stdout
     assert min(times) <= HELP_SECONDS, f"backfill --help took {min(times):.3f} s at best"

@@ -59,8 +59,13 @@ MOVED = "backfill: the checkpoint moved"
 BATCH_TYPES = ("int8", "int8", "text", "int4", "bool")
 
 
-def batch(t: Target, *, set_: str, where: str, first: bool) -> str:
+def batch(t: Target, *, set_: str, where: str, first: bool, flush: bool = True) -> str:
     """One batch as one statement: claim, slice, UPDATE, checkpoint, in one transaction.
+
+    Unless ``flush``, the statement sets ``synchronous_commit`` off for its own transaction
+    (``set_config(..., true)``: ``SET LOCAL``, which the statement's implicit transaction, or a
+    group's ``BEGIN ... COMMIT``, ends), so its commit does not wait for the WAL flush nor for
+    synchronous standbys. A crash can then lose the last batches, but each with its checkpoint.
 
     The batch takes its start from the checkpoint row itself, which it claims ``FOR UPDATE``
     only while the row's version (``batches``, which every batch and skip moves with the
@@ -111,10 +116,12 @@ def batch(t: Target, *, set_: str, where: str, first: bool) -> str:
             dense = f"""
         dense = CASE WHEN (SELECT dense FROM backfill_from)
                 THEN (SELECT n FROM backfill_count) = $1::int8 ELSE {width} = $1::int8 END,"""
+    # Set as the claim is read, first, so that it is in force before anything is written.
+    unflushed = "" if flush else "set_config('synchronous_commit', 'off', true) AS unflushed, "
     # The UPDATE's rows are counted once (backfill_count), not once per reader.
     return f"""
 WITH backfill_from AS (
-    SELECT {typed}, dense, clock_timestamp() AS started FROM {SCHEMA}.checkpoints
+    SELECT {typed}, dense, {unflushed}clock_timestamp() AS started FROM {SCHEMA}.checkpoints
     WHERE job = $3::text AND shard = $4::int4 AND batches <= $2::int8
       AND cursor IS {"" if first else "NOT "}NULL FOR UPDATE
 ), backfill_last AS ({end}

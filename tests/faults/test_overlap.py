@@ -6,18 +6,19 @@ row is updated exactly once."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 
 import anyio
 import asyncpg
 import pytest
 
 from backfill import commands, connector, sql
-from backfill.checkpoint import Checkpoint
+from backfill.checkpoint import BatchResult, Checkpoint
 from backfill.connector import Identity, PgConnector
 from backfill.job import parse_job
 from tests.conftest import Database, seed_users, users_job
 
-from .harness import Recorder, exactly_once
+from .harness import Hook, Recorder, exactly_once
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -29,41 +30,76 @@ async def no_lock(conn: asyncpg.Connection, name: str, *, shard: int = 0, wait: 
     return int(await conn.fetchval("SELECT pg_backend_pid()"))
 
 
-# Paced, one batch per round trip with a pause after each: the two runners take turns. Flat
-# out, batches run in groups, and a group stops at the swap it loses.
-@pytest.mark.parametrize(("rows", "sleep"), [(2_000, 0.02), (20_000, 0.0)],
+@dataclass
+class Turns:
+    """Two runners take turns, whatever the scheduler does: after each batch a runner waits
+    until the other has committed one more (or is done). So every turn starts with a lost swap
+    (the other moved the checkpoint meanwhile), and both runners commit."""
+
+    commits: list[int] = field(default_factory=lambda: [0, 0])
+    done: list[bool] = field(default_factory=lambda: [False, False])
+    _changed: anyio.Event = field(default_factory=anyio.Event)
+
+    def _poke(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def hook(self, me: int) -> Hook:
+        async def after_commit(result: BatchResult) -> None:
+            self.commits[me] += 1
+            self._poke()
+            other, target = 1 - me, self.commits[1 - me] + 1
+            while not (self.done[other] or self.commits[other] >= target):
+                await self._changed.wait()
+
+        return Hook(after_commit)
+
+    def finished(self, me: int) -> None:
+        self.done[me] = True
+        self._poke()
+
+
+# Taking turns (``Turns``), one batch per round trip. Flat out, batches run in groups, and a
+# group stops at the swap it loses.
+@pytest.mark.parametrize(("rows", "turns"), [(1_000, True), (20_000, False)],
                          ids=["alone", "grouped"])
 async def test_two_runners_without_the_lock_update_every_row_once(
     db: Database, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch,
-    figures: Counter[str], rows: int, sleep: float,
+    figures: Counter[str], rows: int, turns: bool,
 ) -> None:
     await seed_users(db, f"generate_series(1, {rows})")
     monkeypatch.setattr(connector, "take_lock", no_lock)
     # where = true: a slice applied twice would leave touched = 2.
-    job = parse_job(users_job(where="true", batch={"size": 100, "sleep_seconds": sleep},
+    job = parse_job(users_job(where="true", batch={"size": 100},
                               limits={"max_retries": 10_000}))
     recorders = [Recorder(), Recorder()]
     ends: list[Checkpoint] = []
+    turnstile = Turns()
 
-    async def runner(rec: Recorder) -> None:
-        ends.append(await commands.run(job, db.params, observers=[rec]))
+    async def runner(me: int) -> None:
+        throttles = [turnstile.hook(me)] if turns else []
+        try:
+            ends.append(await commands.run(job, db.params, observers=[recorders[me]],
+                                           throttles=throttles))
+        finally:
+            turnstile.finished(me)
 
     with anyio.fail_after(120):
         async with anyio.create_task_group() as tg:
-            for rec in recorders:
-                tg.start_soon(runner, rec)
+            for me in (0, 1):
+                tg.start_soon(runner, me)
     assert [c.state for c in ends] == ["succeeded", "succeeded"]
     await exactly_once(admin, 1, rows)
     # They did collide: swaps were lost (and wrote nothing).
     lost = sum(rec.reasons().count("superseded") for rec in recorders)
     assert lost >= 1
-    if sleep:
+    if turns:
         assert all(rec.commits for rec in recorders)  # they took turns
     # What each runner reported is what it did: together, every row once. (Grouped, a runner
     # finds its batches in the checkpoint's record of the group, which the other runner may
     # overwrite first: then it reports fewer, never more; the checkpoint's count is exact.)
     reported = sum(r.rows for rec in recorders for r in rec.commits)
-    assert reported == rows if sleep else reported <= rows
+    assert reported == rows if turns else reported <= rows
     ckpt = await admin.fetchrow("SELECT * FROM backfill.checkpoints WHERE job = $1", NAME)
     assert ckpt["rows_updated"] == rows
     figures["lost_swaps"] += lost
