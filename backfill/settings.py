@@ -18,10 +18,11 @@ import pwd
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlencode
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backfill import pgpass
 from backfill.errors import ConfigError
@@ -246,35 +247,10 @@ def _from_passfile(path: Path, target: Target) -> str | None:
     )
 
 
-class _Environment(BaseModel):
-    """Settings validated from the process's environment when constructed without values
-    (names case-insensitive, as in pydantic-settings, which this replaces: importing it cost
-    ~0.08 s of every run's start-up). A field's environment name is its alias, else
-    ``prefix`` and its name; with ``skip_empty``, a variable set to "" counts as unset."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    prefix: ClassVar[str] = ""
-    skip_empty: ClassVar[bool] = False
-
-    def __init__(self, **values: Any) -> None:
-        if not values:
-            values = self._from(os.environ)
-        super().__init__(**values)
-
-    @classmethod
-    def _from(cls, environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
-        upper = {k.upper(): v for k, v in environ.items()}
-        found: dict[str, Any] = {}
-        for name, info in cls.model_fields.items():
-            key = info.validation_alias if isinstance(info.validation_alias, str) else name
-            value = upper.get(key.upper() if key != name else (cls.prefix + name).upper())
-            if value is not None and not (cls.skip_empty and value == ""):
-                found[key] = value
-        return found
-
-
-class DatabaseSettings(_Environment):
-    skip_empty: ClassVar[bool] = True
+class DatabaseSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     url: SecretStr | None = Field(None, validation_alias="BACKFILL_DATABASE_URL")
     url_file: Path | None = Field(None, validation_alias="BACKFILL_DATABASE_URL_FILE")
@@ -347,8 +323,8 @@ class Telemetry:
     log_every: float = 30.0  # seconds between progress log lines (not on a terminal)
 
 
-class TelemetrySettings(_Environment):
-    prefix: ClassVar[str] = "BACKFILL_"
+class TelemetrySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BACKFILL_", extra="ignore")
 
     metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535)
     metrics_address: str = "0.0.0.0"
