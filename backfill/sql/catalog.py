@@ -47,7 +47,9 @@ SELECT $1::oid = $2::oid OR EXISTS (
 # Foreign keys that reference table $1 with no index leading with their columns on the
 # referencing side: each deleted row makes the server scan the referencing table.
 UNINDEXED_REFERENCES = """
-SELECT c.conname::text AS name, c.conrelid::regclass::text AS referencing,
+SELECT c.conname::text AS name,
+       (SELECT n.nspname || '.' || r.relname FROM pg_class r
+        JOIN pg_namespace n ON n.oid = r.relnamespace WHERE r.oid = c.conrelid) AS referencing,
        (SELECT string_agg(a.attname, ', ' ORDER BY k.i)
         FROM unnest(c.conkey) WITH ORDINALITY k(n, i)
         JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n) AS columns
