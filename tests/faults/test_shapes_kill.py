@@ -85,8 +85,8 @@ async def kill_loop(
             if kind == "any moment":
                 await anyio.sleep(rng.uniform(0, 0.3))
             else:
-                await eventually(lambda c=current: c.code is not None
-                                 or _batches_past(admin, name, before), within=30)
+                await eventually(lambda c=current, b=before: c.code is not None
+                                 or _batches_past(admin, name, b), within=30)
                 if kind == "after a commit":
                     await anyio.sleep(rng.uniform(0, 0.03))
                 else:
