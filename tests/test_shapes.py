@@ -3,7 +3,10 @@ grouped or not; the checks before anything is written; ``plan`` and ``verify``."
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +17,8 @@ from backfill.checkpoint import Checkpoint
 from backfill.errors import ConfigError
 from backfill.job import parse_job
 from backfill.settings import ConnectParams
-from tests.conftest import Database
-from tests.faults.harness import Recorder
+from tests.conftest import Database, write_job
+from tests.faults.harness import Recorder, cli
 from tests.shapes import (
     create_archive,
     create_source,
@@ -234,3 +237,46 @@ async def test_an_unindexed_foreign_key_is_a_warning(
     assert len(warned) == 1
     await db.execute("CREATE INDEX ON child (src_id)")
     assert (await commands.plan(parse_job(job), db.params)).warnings == ()
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"set": "n = 1", "copy": {"into": "dst"}}, "it has set and [copy]"),
+    ({"set": "n = 1", "delete": {}}, "it has set and [delete]"),
+    ({"copy": {"into": "dst"}, "delete": {}}, "it has [copy] and [delete]"),
+    ({}, "it has none"),
+])
+async def test_one_shape_or_exit_78_before_connecting(
+    tmp_path: Path, fields: dict[str, Any], message: str
+) -> None:
+    job = write_job(tmp_path, {"name": "j", "table": "src", "key": "id", "where": "old",
+                               **fields})
+    # Nothing listens there: the check comes before any connection.
+    env = {"BACKFILL_DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "PATH": os.environ["PATH"]}
+    out = await cli(tmp_path, "run", job, env=env)
+    assert out.code == 78, out.output
+    assert out.errors() == [
+        f"backfill: error: {job}: a job needs exactly one of set, [copy], [delete]; {message}"
+    ]
+
+
+async def test_the_cli_speaks_of_copied_and_deleted_rows(db: Database, tmp_path: Path) -> None:
+    await create_source(db, "bigint", ROWS)
+    await create_target(db, "bigint")
+    await create_archive(db, "bigint")
+    copy = write_job(tmp_path, shape_job("bigint", "copy"), filename="copy.toml")
+    move = write_job(tmp_path, shape_job("bigint", "archive"), filename="move.toml")
+    left = await cli(tmp_path, "verify", copy, env=db.env())
+    assert (left.code, left.stdout) == (1, f"{ROWS:,} rows in range missing or different in "
+                                           "public.dst\n")
+    done = await cli(tmp_path, "run", copy, env=db.env())
+    assert f"job src-copy done: {ROWS:,} rows copied in 30 batches" in done.stderr, done.output
+    done = await cli(tmp_path, "run", move, env=db.env())
+    assert f"job src-archive done: {ROWS // 2:,} rows archived in 30 batches" in done.stderr
+    left = await cli(tmp_path, "verify", move, env=db.env())
+    assert (left.code, left.stdout) == (0, "0 rows in range still match where, or are both in "
+                                           "public.src and in public.src_archive\n")
+    status = await cli(tmp_path, "status", env=db.env())
+    assert f"{ROWS:,} copied" in status.stdout and f"{ROWS // 2:,} archived" in status.stdout
+    document = json.loads((await cli(tmp_path, "status", "--json", env=db.env())).stdout)
+    assert {j["job"]: j["shape"] for j in document["jobs"]} == {
+        "src-archive": "archive", "src-copy": "copy"}

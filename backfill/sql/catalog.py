@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from backfill.sql.target import Target
 
+# A table's oid and kind, by schema and name.
 RELATION = """
 SELECT c.oid::int8 AS oid, c.relkind::text AS relkind
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = $2
 """
+# The named columns of a table: type as printed, type name, NOT NULL, number.
 COLUMNS = """
 SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type,
        t.typname::text AS type_name, a.attnotnull AS not_null, a.attnum::int AS attnum
@@ -24,6 +26,7 @@ WHERE i.indrelid = $1::oid AND i.indisunique AND i.indisvalid AND i.indpred IS N
   AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality($2::int2[])] = $2::int2[]
 LIMIT 1
 """
+# What the current role may do on a table (any column for SELECT and UPDATE).
 PRIVILEGES = """
 SELECT has_any_column_privilege($1::oid, 'UPDATE') AS can_update,
        has_any_column_privilege($1::oid, 'SELECT') AS can_select,
@@ -85,6 +88,7 @@ WHERE rn IN (SELECT 1 + (s.n * i) / $4::int FROM generate_series(1, $4::int - 1)
 ORDER BY rn"""
 
 
+# The planner's row estimate of a table (0 before its first ANALYZE).
 ESTIMATED_ROWS = "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::oid"
 
 # Pages of a table (all partitions of a partitioned one), to size a page sample.
@@ -107,6 +111,7 @@ SELECT count(*) FILTER (WHERE $2::text[] IS NULL OR ({row} >= {lo} AND {row} <= 
        count(DISTINCT (tableoid, (ctid::text::point)[0])) AS pages
 FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4)"""
 
+# A column's number in a table, by name.
 ATTNUM = """
 SELECT attnum::int FROM pg_attribute WHERE attrelid = $1::oid AND attname = $2 AND NOT attisdropped
 """
