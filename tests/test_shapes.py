@@ -152,6 +152,11 @@ BAD: dict[str, tuple[str, dict[str, Any], str]] = {
         "CREATE TABLE dst (id bigint PRIMARY KEY, n int)",
         {**COPY, "copy": {"into": "dst", "values": {"n": "no_such_column + 1"}}},
         'column "no_such_column" does not exist (SQLSTATE 42703) (in copy.values.n)'),
+    "values expression of another type": _bad(
+        "CREATE TABLE dst (id bigint PRIMARY KEY, n int)",
+        {**COPY, "copy": {"into": "dst", "values": {"n": "payload"}}},
+        'column "n" is of type integer but expression is of type text (SQLSTATE 42804) '
+        "(in copy.values.n)"),
     "types differ": _bad(
         "CREATE TABLE dst (id bigint PRIMARY KEY, n text)", COPY,
         "copy.columns: column n is integer in public.src but text in public.dst"),

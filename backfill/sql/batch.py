@@ -15,7 +15,7 @@ from __future__ import annotations
 from backfill.sql.shapes import UPDATE, Change
 from backfill.sql.slices import Slice, param_slice
 from backfill.sql.target import Target
-from backfill.sql.text import SCHEMA, literal
+from backfill.sql.text import SCHEMA, ident, literal
 
 # A batch whose claim matched nothing fails with this in its message (a cast error, the one way
 # plain SQL can raise; the sub-select keeps the planner from folding it early): so the rest of
@@ -152,6 +152,9 @@ def fragment_checks(t: Target, change: Change, values: dict[str, str]) -> dict[s
     checks = {"where": f"SELECT FROM {t.relation} WHERE ({change.where}\n)"}
     if change.kind == UPDATE:
         checks["set"] = f"UPDATE {t.relation} SET {change.set_}\nWHERE false"
-    for column, expression in values.items():
-        checks[f"copy.values.{column}"] = f"SELECT ({expression}\n) FROM {t.relation} WHERE false"
+    for column, expression in values.items():  # as the target's column takes it
+        checks[f"copy.values.{column}"] = (
+            f"INSERT INTO {change.into} ({ident(column)})\n"
+            f"SELECT ({expression}\n) FROM {t.relation} WHERE false"
+        )
     return checks
