@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from pydantic import SecretStr
 
@@ -16,6 +18,7 @@ from backfill import commands
 from backfill.checkpoint import Checkpoint
 from backfill.errors import ConfigError
 from backfill.job import parse_job
+from backfill.ranges import Shard
 from backfill.settings import ConnectParams
 from tests.conftest import Database, write_job
 from tests.faults.harness import Recorder, cli
@@ -285,3 +288,35 @@ async def test_the_cli_speaks_of_copied_and_deleted_rows(db: Database, tmp_path:
     document = json.loads((await cli(tmp_path, "status", "--json", env=db.env())).stdout)
     assert {j["job"]: j["shape"] for j in document["jobs"]} == {
         "src-archive": "archive", "src-copy": "copy"}
+
+
+@pytest.mark.parametrize("shape", ["copy", "archive"])
+async def test_shards_split_a_copy_and_an_archive(db: Database, shape: str) -> None:
+    await create_source(db, "composite", ROWS)
+    await create_target(db, "composite")
+    await create_archive(db, "composite")
+    job = parse_job(shape_job("composite", shape))
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(partial(commands.run, job, db.params, observers=[],
+                                  shard=Shard(i, 3)))
+    counted = await db.fetchval("SELECT sum(rows_updated) FROM backfill.checkpoints")
+    if shape == "copy":
+        await target_equals_source(db)
+        assert counted == ROWS
+    else:
+        assert counted == await moved_exactly_once(db, ROWS, archive=True)
+
+
+async def test_a_poison_row_is_narrowed_down_and_skipped_in_each_shape(db: Database) -> None:
+    await create_source(db, "bigint", ROWS)
+    # The copy: the target refuses one row; the delete: a row still referenced.
+    await db.execute("CREATE TABLE dst (LIKE src INCLUDING ALL, CHECK (n <> 1234))")
+    await db.execute("CREATE TABLE child (src_id bigint REFERENCES src); "
+                     "CREATE INDEX ON child (src_id); INSERT INTO child VALUES (2000)")
+    copied = await run(db, shape_job("bigint", "copy", on_row_error="skip"))
+    assert (copied.rows_updated, copied.skipped_keys) == (ROWS - 1, (("1234",),))
+    await target_equals_source(db, where="n <> 1234")
+    deleted = await run(db, shape_job("bigint", "delete", on_row_error="skip"))
+    assert (deleted.rows_updated, deleted.skipped_keys) == (ROWS // 2 - 1, (("2000",),))
+    assert await db.fetchval("SELECT array_agg(id) FROM src WHERE old") == [2000]

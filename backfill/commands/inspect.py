@@ -67,7 +67,7 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
         lo = tuple(lo_v) if lo_v else None
         hi = tuple(hi_v) if hi_v else None
         cursor = None
-    statement = sql.batch_statement(target, change, first=cursor is None)
+    statement = sql.batch(target, change, first=cursor is None)
     rows_in_table = await catalog.estimated_rows(conn, job)
     explain_text, batch_seconds, matching = "(empty key range: nothing to do)", 0.0, 0
     if lo is not None:

@@ -23,9 +23,6 @@ from backfill.sql.batch import (
     batch as batch,
 )
 from backfill.sql.batch import (
-    batch_statement as batch_statement,
-)
-from backfill.sql.batch import (
     claimed_slice as claimed_slice,
 )
 from backfill.sql.batch import (

@@ -52,11 +52,11 @@ def _claim(t: Target, *, first: bool) -> str:
       AND cursor IS {"" if first else "NOT "}NULL FOR UPDATE"""
 
 
-def batch(t: Target, change: str, *, first: bool) -> str:
+def batch(t: Target, change: Change, *, first: bool) -> str:
     """One batch as one statement: claim, slice, change, checkpoint, in one transaction.
 
-    ``change`` is the shape's CTEs (``backfill.sql.shapes``), written over ``claimed_slice``:
-    it ends in ``backfill_changed``, a row per row changed.
+    ``change`` is the shape (``backfill.sql.shapes``); its CTEs, written over
+    ``claimed_slice``, end in ``backfill_changed``, a row per row changed.
 
     The batch takes its start from the checkpoint row itself, which it claims ``FOR UPDATE``
     only while the row's version (``batches``, which every batch and skip moves with the
@@ -80,7 +80,7 @@ def batch(t: Target, change: str, *, first: bool) -> str:
     return f"""
 WITH backfill_from AS ({_claim(t, first=first)}
 ), backfill_last AS ({s.last()}
-), {change.strip()}, backfill_count AS (
+), {change.cte(t, s)}, backfill_count AS (
     SELECT count(*) AS n FROM backfill_changed
 ), backfill_saved AS (
     UPDATE {SCHEMA}.checkpoints
@@ -129,11 +129,6 @@ AFTER_GROUP = f"""
 SELECT cursor, rows_updated, batches, control, recent, pg_backend_pid() AS pid
 FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2
 """
-
-
-def batch_statement(t: Target, change: Change, *, first: bool) -> str:
-    """The batch statement of a resolved shape (see ``batch``)."""
-    return batch(t, change.cte(t, claimed_slice(t, first=first)), first=first)
 
 
 def count_slice(t: Target, change: Change, *, first: bool) -> str:
