@@ -144,17 +144,21 @@ async def _copy(conn: asyncpg.Connection, job: Job, copy: Copy, target: Target) 
     for key in target.key:
         if key.name not in written:
             raise ConfigError(f"copy.columns: the key column {key.name} is not copied to {into}")
-    attnums = [await conn.fetchval(sql.ATTNUM, rel["oid"], k.name) for k in target.key]
-    if await conn.fetchval(sql.UNIQUE_INDEX, rel["oid"], attnums) is None:
+    # The conflict target: a unique index on the key columns, or on them and other copied
+    # columns (a partitioned target's primary key includes its partition key).
+    keys = {k.name for k in target.key}
+    unique = [tuple(r["columns"]) for r in await conn.fetch(sql.UNIQUE_INDEXES, rel["oid"])]
+    fits = [u for u in unique if keys <= set(u) <= written]
+    if not fits:
         raise ConfigError(
             f"copy.into: ({target.columns()}) is not unique in {into}: ON CONFLICT needs a "
-            "primary key or a unique btree index on exactly these columns, in this order"
+            "primary key or a unique index on these columns (and, at most, other copied ones)"
         )
     rights = ("insert", "select", "update") if copy.on_conflict == "update" else ("insert",)
     await _require(conn, rel["oid"], into, rights)
     columns = tuple((n, ident(n)) for n in names) + tuple(copy.values.items())
     return Change(sql.COPY, job.where, into=_quoted(copy.into), columns=columns,
-                  on_conflict=copy.on_conflict)
+                  on_conflict=copy.on_conflict, conflict=fits[0])
 
 
 async def _columns(conn: asyncpg.Connection, target: Target) -> dict[str, asyncpg.Record]:

@@ -320,3 +320,19 @@ async def test_a_poison_row_is_narrowed_down_and_skipped_in_each_shape(db: Datab
     deleted = await run(db, shape_job("bigint", "delete", on_row_error="skip"))
     assert (deleted.rows_updated, deleted.skipped_keys) == (ROWS // 2 - 1, (("2000",),))
     assert await db.fetchval("SELECT array_agg(id) FROM src WHERE old") == [2000]
+
+
+async def test_copy_into_a_partitioned_table(db: Database) -> None:
+    # The partitioning recipe: the target's primary key includes its partition key.
+    await create_source(db, "bigint", ROWS)
+    await db.execute("""
+        CREATE TABLE dst (id bigint, payload text, n int NOT NULL, old boolean,
+                          PRIMARY KEY (id, n)) PARTITION BY RANGE (n);
+        CREATE TABLE dst_low PARTITION OF dst FOR VALUES FROM (MINVALUE) TO (1500);
+        CREATE TABLE dst_high PARTITION OF dst FOR VALUES FROM (1500) TO (MAXVALUE)""")
+    job = shape_job("bigint", "copy", copy={"into": "dst", "on_conflict": "update"})
+    assert (await run(db, job)).rows_updated == ROWS
+    await target_equals_source(db)
+    assert await db.fetchval("SELECT count(*) FROM dst_high") == ROWS - 1499
+    await commands.reset(db.params, "src-copy")
+    assert (await run(db, job)).rows_updated == 0  # nothing differs: nothing rewritten

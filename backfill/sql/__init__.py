@@ -41,9 +41,6 @@ from backfill.sql.catalog import (
     ALL_COLUMNS as ALL_COLUMNS,
 )
 from backfill.sql.catalog import (
-    ATTNUM as ATTNUM,
-)
-from backfill.sql.catalog import (
     COLUMNS as COLUMNS,
 )
 from backfill.sql.catalog import (
@@ -63,6 +60,9 @@ from backfill.sql.catalog import (
 )
 from backfill.sql.catalog import (
     UNIQUE_INDEX as UNIQUE_INDEX,
+)
+from backfill.sql.catalog import (
+    UNIQUE_INDEXES as UNIQUE_INDEXES,
 )
 from backfill.sql.catalog import (
     WIDENS as WIDENS,

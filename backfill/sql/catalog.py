@@ -111,7 +111,16 @@ SELECT count(*) FILTER (WHERE $2::text[] IS NULL OR ({row} >= {lo} AND {row} <= 
        count(DISTINCT (tableoid, (ctid::text::point)[0])) AS pages
 FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4)"""
 
-# A column's number in a table, by name.
-ATTNUM = """
-SELECT attnum::int FROM pg_attribute WHERE attrelid = $1::oid AND attname = $2 AND NOT attisdropped
+# The columns of each valid, non-partial unique btree index of a table: the one on the fewest
+# columns first, a primary key before others.
+UNIQUE_INDEXES = """
+SELECT array_agg(a.attname::text ORDER BY k.i) AS columns
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+CROSS JOIN LATERAL unnest(string_to_array(i.indkey::text, ' ')::int2[]) WITH ORDINALITY k(n, i)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n
+WHERE i.indrelid = $1::oid AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+  AND i.indexprs IS NULL AND am.amname = 'btree' AND k.i <= i.indnkeyatts
+GROUP BY i.indexrelid, i.indisprimary
+ORDER BY count(*), i.indisprimary DESC, i.indexrelid
 """
