@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from backfill import commands
 from backfill.checkpoint import Checkpoint
-from backfill.errors import ConfigError
+from backfill.errors import ConfigError, Interrupted
 from backfill.job import parse_job
 from backfill.ranges import Shard
 from backfill.settings import ConnectParams
@@ -229,6 +229,16 @@ async def test_plan_explains_the_real_batch_and_writes_nothing(db: Database, sha
     assert await db.fetchval("SELECT count(*) FROM src") == ROWS
     assert await db.fetchval("SELECT count(*) FROM dst") == 0
     assert await db.fetchval("SELECT count(*) FROM backfill.checkpoints") == 0
+    # Halfway through a run: the next batch's statement, on the checkpoint as it stands.
+    job = shape_job("bigint", shape, limits={"max_run_seconds": 0.3},
+                    batch={"size": 100, "sleep_seconds": 0.05})
+    with pytest.raises(Interrupted):
+        await run(db, job)
+    before = tuple((await db.fetch("SELECT cursor, batches FROM backfill.checkpoints"))[0])
+    plan = await commands.plan(parse_job(job), db.params)
+    assert plan.cursor == tuple(before[0]) and node[shape] in plan.explain
+    after = (await db.fetch("SELECT cursor, batches FROM backfill.checkpoints"))[0]
+    assert tuple(after) == before
 
 
 async def test_an_unindexed_foreign_key_is_a_warning(

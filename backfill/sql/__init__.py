@@ -209,6 +209,9 @@ from backfill.sql.state import (
     LOAD_ALL as LOAD_ALL,
 )
 from backfill.sql.state import (
+    LOAD_LOCKED as LOAD_LOCKED,
+)
+from backfill.sql.state import (
     LOCK_CREATING as LOCK_CREATING,
 )
 from backfill.sql.state import (

@@ -164,6 +164,8 @@ WHERE n.nspname = $1 AND c.relname = $2
 """
 # One shard's checkpoint.
 LOAD = f"SELECT * FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2"
+# One shard's checkpoint, locked (``plan`` runs a batch on it, rolled back).
+LOAD_LOCKED = f"SELECT * FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2 FOR UPDATE"
 # Every checkpoint (of one job, or all), in job and shard order.
 LOAD_ALL = f"""
 SELECT * FROM {SCHEMA}.checkpoints WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard
