@@ -103,12 +103,7 @@ async def change(conn: asyncpg.Connection, job: Job, target: Target) -> Change:
                 f"delete.archive: column {name} ({column['sql_type']}) of {job.table.display}: "
                 f"{archive.display} {has}"
             )
-    for name, column in into.items():
-        if name not in source and column["needs_value"]:
-            raise ConfigError(
-                f"delete.archive: column {name} of {archive.display} is NOT NULL without a "
-                "default (give it one, e.g. DEFAULT now())"
-            )
+    _defaults(into, set(source), "delete.archive", archive.display)
     await _require(conn, rel["oid"], archive.display, ("insert",))
     columns = tuple((n, ident(n)) for n in source if not into[n]["generated"])
     return Change(sql.ARCHIVE, job.where, into=_quoted(archive), columns=columns)
@@ -141,6 +136,7 @@ async def _copy(conn: asyncpg.Connection, job: Job, copy: Copy, target: Target) 
                 f"but {theirs['sql_type']} in {into} (use [copy.values] to convert it)"
             )
     written = set(names) | set(copy.values)
+    _defaults(there, written, "copy.into", into)
     for key in target.key:
         if key.name not in written:
             raise ConfigError(f"copy.columns: the key column {key.name} is not copied to {into}")
@@ -159,6 +155,17 @@ async def _copy(conn: asyncpg.Connection, job: Job, copy: Copy, target: Target) 
     columns = tuple((n, ident(n)) for n in names) + tuple(copy.values.items())
     return Change(sql.COPY, job.where, into=_quoted(copy.into), columns=columns,
                   on_conflict=copy.on_conflict, conflict=fits[0])
+
+
+def _defaults(columns: dict[str, asyncpg.Record], written: set[str], field: str,
+              table: str) -> None:
+    """Every column not written must take a default (or NULL)."""
+    for name, column in columns.items():
+        if name not in written and column["needs_value"]:
+            raise ConfigError(
+                f"{field}: column {name} of {table} is NOT NULL without a default and is not "
+                "written (give it a default, e.g. DEFAULT now())"
+            )
 
 
 async def _columns(conn: asyncpg.Connection, target: Target) -> dict[str, asyncpg.Record]:

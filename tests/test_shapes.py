@@ -169,6 +169,9 @@ BAD: dict[str, tuple[str, dict[str, Any], str]] = {
     "key not copied": _bad(
         "CREATE TABLE dst (n int PRIMARY KEY, payload text)", COPY,
         "copy.columns: the key column id is not copied to public.dst"),
+    "target column needs a value": _bad(
+        "CREATE TABLE dst (id bigint PRIMARY KEY, extra text NOT NULL)", COPY,
+        "copy.into: column extra of public.dst is NOT NULL without a default and is not written"),
     "no unique key in target": _bad(
         "CREATE TABLE dst (id bigint, payload text)", COPY,
         'copy.into: ("id") is not unique in public.dst'),
@@ -185,7 +188,8 @@ BAD: dict[str, tuple[str, dict[str, Any], str]] = {
         "delete.archive: column n (integer) of public.src: public.src_archive has it as bigint"),
     "archive column without default": _bad(
         "CREATE TABLE src_archive (LIKE src, at timestamptz NOT NULL)", ARCHIVE,
-        "delete.archive: column at of public.src_archive is NOT NULL without a default"),
+        "delete.archive: column at of public.src_archive is NOT NULL without a default and is "
+        "not written"),
     "no INSERT on archive": _bad(
         "CREATE TABLE src_archive (LIKE src); GRANT ALL ON src, src_archive TO {role}; "
         "REVOKE INSERT ON src_archive FROM {role}", ARCHIVE, "lacks INSERT on public.src_archive"),
