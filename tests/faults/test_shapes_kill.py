@@ -179,6 +179,6 @@ async def test_copy_with_a_live_writer_and_kills_leaves_target_equal_to_source(
             await kill_loop(db, admin, tmp_path, figures, shape_job("bigint", "copy"))
         finally:
             stop.set()
-    assert writes["update"] > 100 and writes["delete"] > 10, writes
+    assert writes["update"] and writes["delete"] and writes["insert"], writes
     await target_equals_source(admin)
     figures["rows_checked"] += ROWS
