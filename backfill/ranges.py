@@ -108,7 +108,7 @@ async def create_checkpoints(
             sql.CREATE,
             [
                 (job.name, i, shards, job.fingerprint, job.table.display,
-                 key_param(s.lo), key_param(s.hi), key_param(s.cursor))
+                 key_param(s.lo), key_param(s.hi), key_param(s.cursor), job.shape)
                 for i, s in enumerate(spans)
             ],
         )

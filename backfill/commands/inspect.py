@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import asyncpg
 
 from backfill import catalog, ranges, sql
-from backfill.checkpoint import Checkpoint, to_checkpoint
+from backfill.checkpoint import to_checkpoint
 from backfill.commands._common import guard
-from backfill.connector import open_connection
+from backfill.connector import check_fragments, open_connection
+from backfill.errors import ConfigError
 from backfill.job import Job
 from backfill.settings import ConnectParams
 
@@ -32,13 +33,16 @@ class Plan:
     batches: int
     batch_seconds: float
     estimated_seconds: float
+    shape: str = "update"
+    warnings: tuple[str, ...] = ()
 
 
 async def plan(job: Job, params: ConnectParams) -> Plan:
     """Validate, connect, and show what a run would do. Nothing is written.
 
-    The batch time comes from EXPLAIN ANALYZE of the first batch's UPDATE in a transaction
-    that is rolled back.
+    The batch time comes from EXPLAIN ANALYZE of the real batch statement (claim, change,
+    checkpoint) in a transaction that is rolled back; the checkpoint row it claims (and the
+    state schema, before ``backfill init``) is made to exist in that transaction if need be.
     """
     conn = await guard(open_connection(params, job))
     try:
@@ -49,35 +53,60 @@ async def plan(job: Job, params: ConnectParams) -> Plan:
 
 async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
     target = await catalog.resolve(conn, job)
-    ckpt: Checkpoint | None = None
-    if await conn.fetchval(sql.STATE_EXISTS):
-        row = await conn.fetchrow(sql.LOAD, job.name, 0)
-        ckpt = to_checkpoint(row) if row is not None else None
-    if ckpt is not None:
-        lo, hi, cursor = ckpt.range_lo, ckpt.range_hi, ckpt.cursor
-    else:
-        (lo, hi), cursor = await ranges.bounds(conn, target), None
-    first = cursor is None
-    statement = sql.batch(target, set_=job.set, where=job.where, first=first)
-    dry = sql.dry_batch(target, set_=job.set, where=job.where, first=first)
+    change = await catalog.change(conn, job, target)
+    await check_fragments(conn, job, target, change)
     rows_in_table = await catalog.estimated_rows(conn, job)
-    args = [list(cursor or lo or ()), list(hi or ()), job.batch.size, job.name, 0]
     explain_text, batch_seconds, matching = "(empty key range: nothing to do)", 0.0, 0
-    if lo is not None:
-        tx = conn.transaction()
-        await tx.start()
-        try:
+    # All in one transaction, rolled back: the checkpoint row is locked first, so a running
+    # job's batches wait for this one instead of moving its cursor meanwhile.
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        if not await conn.fetchval(sql.STATE_EXISTS):
+            try:
+                await conn.execute(sql.INIT)
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise ConfigError(
+                    "plan runs one batch (rolled back) with its checkpoint: the state schema "
+                    "'backfill' does not exist: run `backfill init` first"
+                ) from exc
+        row = await conn.fetchrow(sql.LOAD_LOCKED, job.name, 0)
+        ckpt = to_checkpoint(row) if row is not None else None
+        if ckpt is not None:
+            lo, hi, cursor = ckpt.range_lo, ckpt.range_hi, ckpt.cursor
+        else:
+            (lo, hi), cursor = await ranges.bounds(conn, target), None
+        statement = sql.batch(
+            target, change, first=cursor is None, flush=job.batch.wait_for_flush
+        )
+        if lo is not None:
+            if ckpt is None:
+                await conn.execute(
+                    sql.CREATE, job.name, 0, 1, job.fingerprint, job.table.display, list(lo),
+                    list(hi or ()), None, job.shape,
+                )
+            version = ckpt.batches if ckpt is not None else 0
             t0 = time.perf_counter()
-            rows = await conn.fetch(sql.explain(dry, analyze=True), *args)
+            rows = await conn.fetch(
+                sql.explain(statement, analyze=True), job.batch.size, version, job.name, 0, True
+            )
             batch_seconds = time.perf_counter() - t0
-        finally:
-            await tx.rollback()
+    finally:
+        await tx.rollback()
+    if lo is not None:
         explain_text = "\n".join(r[0] for r in rows)
         count_plan = await conn.fetchval(
             f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {target.relation} WHERE ({job.where})"
         )
         matching = int(json.loads(count_plan)[0]["Plan"]["Plan Rows"])
     batches = math.ceil(rows_in_table / job.batch.size) if lo is not None else 0
+    warnings: list[str] = []
+    if job.delete is not None:
+        warnings = [
+            f"{reference} references {job.table.display} without an index: each deleted row "
+            "scans it"
+            for reference in await catalog.unindexed_references(conn, job)
+        ]
     return Plan(
         job=job.name,
         table=target.relation,
@@ -92,12 +121,16 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
         batches=batches,
         batch_seconds=batch_seconds,
         estimated_seconds=batches * (batch_seconds + job.batch.sleep_seconds),
+        shape=job.shape,
+        warnings=tuple(warnings),
     )
 
 
 async def verify(job: Job, params: ConnectParams, *, slice_size: int | None = None) -> int:
-    """Count rows in the job's key range that still match ``where``, slice by slice (each
-    slice a bounded statement). Returns the count; 0 means the backfill is complete."""
+    """Count the rows of the job's key range still to do, slice by slice (each slice a bounded
+    statement): rows that still match ``where`` (update, delete); source rows matching it that
+    are missing or different in the target (copy); for an archive, also archived rows whose
+    key is still in the source. Returns the count; 0 means the job is complete."""
     conn = await guard(open_connection(params, job))
     try:
         size = slice_size or min(100_000, job.batch.size * 10)
@@ -108,6 +141,7 @@ async def verify(job: Job, params: ConnectParams, *, slice_size: int | None = No
 
 async def _verify(conn: asyncpg.Connection, job: Job, size: int) -> int:
     target = await catalog.resolve(conn, job)
+    change = await catalog.change(conn, job, target)
     lo, hi = None, None
     if await conn.fetchval(sql.STATE_EXISTS):
         # The whole job's range: from the first shard's start to the last shard's end.
@@ -118,9 +152,11 @@ async def _verify(conn: asyncpg.Connection, job: Job, size: int) -> int:
         lo, hi = await ranges.bounds(conn, target)
     if lo is None:
         return 0
-    first_q = sql.count_slice(target, where=job.where, first=True)
-    next_q = sql.count_slice(target, where=job.where, first=False)
+    first_q = sql.count_slice(target, change, first=True)
+    next_q = sql.count_slice(target, change, first=False)
     total, cursor = 0, None
+    if change.kind == sql.ARCHIVE:
+        total = await conn.fetchval(sql.archived_still_in_source(target, change.into), lo, hi)
     while True:
         row = await conn.fetchrow(first_q if cursor is None else next_q, cursor or lo, hi, size)
         assert row is not None

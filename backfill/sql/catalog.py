@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from backfill.sql.target import Target
 
+# A table's oid and kind, by schema and name.
 RELATION = """
 SELECT c.oid::int8 AS oid, c.relkind::text AS relkind
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = $2
 """
+# The named columns of a table: type as printed, type name, NOT NULL, number.
 COLUMNS = """
 SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type,
        t.typname::text AS type_name, a.attnotnull AS not_null, a.attnum::int AS attnum
@@ -24,9 +26,42 @@ WHERE i.indrelid = $1::oid AND i.indisunique AND i.indisvalid AND i.indpred IS N
   AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality($2::int2[])] = $2::int2[]
 LIMIT 1
 """
+# What the current role may do on a table (any column for SELECT and UPDATE).
 PRIVILEGES = """
 SELECT has_any_column_privilege($1::oid, 'UPDATE') AS can_update,
-       has_any_column_privilege($1::oid, 'SELECT') AS can_select, current_user::text AS role
+       has_any_column_privilege($1::oid, 'SELECT') AS can_select,
+       has_table_privilege($1::oid, 'INSERT') AS can_insert,
+       has_table_privilege($1::oid, 'DELETE') AS can_delete, current_user::text AS role
+"""
+# Every column of a table, in order: what a copy or an archive may write.
+ALL_COLUMNS = """
+SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type,
+       a.atttypid::int8 AS type_oid, a.attgenerated <> '' AS generated,
+       a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AS needs_value
+FROM pg_attribute a
+WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum
+"""
+# Whether a value of type $1 is assigned to a column of type $2 without a possible loss: the
+# same type, or an implicit cast (a widening such as integer to bigint).
+WIDENS = """
+SELECT $1::oid = $2::oid OR EXISTS (
+    SELECT FROM pg_cast WHERE castsource = $1::oid AND casttarget = $2::oid AND castcontext = 'i')
+"""
+# Foreign keys that reference table $1 with no index leading with their columns on the
+# referencing side: each deleted row makes the server scan the referencing table.
+UNINDEXED_REFERENCES = """
+SELECT c.conname::text AS name,
+       (SELECT n.nspname || '.' || r.relname FROM pg_class r
+        JOIN pg_namespace n ON n.oid = r.relnamespace WHERE r.oid = c.conrelid) AS referencing,
+       (SELECT string_agg(a.attname, ', ' ORDER BY k.i)
+        FROM unnest(c.conkey) WITH ORDINALITY k(n, i)
+        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n) AS columns
+FROM pg_constraint c
+WHERE c.contype = 'f' AND c.confrelid = $1::oid AND NOT EXISTS (
+    SELECT FROM pg_index i WHERE i.indrelid = c.conrelid AND i.indpred IS NULL
+      AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(c.conkey)] @> c.conkey
+      AND cardinality(c.conkey) <= i.indnkeyatts)
+ORDER BY 2, 1
 """
 
 
@@ -53,6 +88,7 @@ WHERE rn IN (SELECT 1 + (s.n * i) / $4::int FROM generate_series(1, $4::int - 1)
 ORDER BY rn"""
 
 
+# The planner's row estimate of a table (0 before its first ANALYZE).
 ESTIMATED_ROWS = "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::oid"
 
 # Pages of a table (all partitions of a partitioned one), to size a page sample.
@@ -74,3 +110,17 @@ SELECT count(*) FILTER (WHERE $2::text[] IS NULL OR ({row} >= {lo} AND {row} <= 
            AS done,
        count(DISTINCT (tableoid, (ctid::text::point)[0])) AS pages
 FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4)"""
+
+# The columns of each valid, non-partial unique btree index of a table: the one on the fewest
+# columns first, a primary key before others.
+UNIQUE_INDEXES = """
+SELECT array_agg(a.attname::text ORDER BY k.i) AS columns
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+CROSS JOIN LATERAL unnest(string_to_array(i.indkey::text, ' ')::int2[]) WITH ORDINALITY k(n, i)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n
+WHERE i.indrelid = $1::oid AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+  AND i.indexprs IS NULL AND am.amname = 'btree' AND k.i <= i.indnkeyatts
+GROUP BY i.indexrelid, i.indisprimary
+ORDER BY count(*), i.indisprimary DESC, i.indexrelid
+"""
