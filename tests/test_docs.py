@@ -1,6 +1,6 @@
 """The documentation holds together: every relative link in README.md and docs/*.md points at a
 file that exists, every ``#anchor`` at a heading of that page (as GitHub names it), every page in
-docs/ is linked from the README, and the README stays a page one reads first."""
+docs/ (recipes included) is linked from the README, and the README stays a page one reads first."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 README_MAX_LINES = 250
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
