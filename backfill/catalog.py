@@ -5,12 +5,14 @@ Every problem is a ``ConfigError`` naming the job-file field.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import asyncpg
 
 from backfill import sql
 from backfill.errors import ConfigError
-from backfill.job import Job
-from backfill.sql import KeyColumn, Target
+from backfill.job import Copy, Job, Table
+from backfill.sql import Change, KeyColumn, Target, ident
 
 KEY_TYPES = frozenset(
     {"int2", "int4", "int8", "numeric", "uuid", "text", "varchar", "bpchar", "timestamp",
@@ -20,13 +22,35 @@ _KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S"
           "i": "an index", "c": "a composite type", "I": "an index", "t": "a TOAST table"}
 
 
+# The privileges each shape needs on its source (FOR SHARE needs UPDATE too).
+_SOURCE_RIGHTS = {"update": ("select", "update"), "copy": ("select", "update"),
+                  "delete": ("select", "delete"), "archive": ("select", "delete")}
+
+
+async def _relation(conn: asyncpg.Connection, field: str, table: Table) -> asyncpg.Record:
+    rel = await conn.fetchrow(sql.RELATION, table.schema_, table.name)
+    if rel is None:
+        raise ConfigError(f"{field}: {table.display} does not exist")
+    if rel["relkind"] not in ("r", "p"):
+        raise ConfigError(
+            f"{field}: {table.display} is {_KINDS.get(rel['relkind'], 'not a table')}"
+        )
+    return rel
+
+
+async def _require(conn: asyncpg.Connection, oid: int, table: str, rights: Iterable[str]) -> None:
+    granted = await conn.fetchrow(sql.PRIVILEGES, oid)
+    assert granted is not None
+    for right in rights:
+        if not granted[f"can_{right}"]:
+            raise ConfigError(
+                f"permission denied: role {granted['role']} lacks {right.upper()} on {table}"
+            )
+
+
 async def resolve(conn: asyncpg.Connection, job: Job) -> Target:
     table = job.table.display
-    rel = await conn.fetchrow(sql.RELATION, job.table.schema_, job.table.name)
-    if rel is None:
-        raise ConfigError(f"table: {table} does not exist")
-    if rel["relkind"] not in ("r", "p"):
-        raise ConfigError(f"table: {table} is {_KINDS.get(rel['relkind'], 'not a table')}")
+    rel = await _relation(conn, "table", job.table)
     rows = await conn.fetch(sql.COLUMNS, rel["oid"], list(job.key))
     found = {r["name"]: r for r in rows}
     for name in job.key:
@@ -47,13 +71,7 @@ async def resolve(conn: asyncpg.Connection, job: Job) -> Target:
             f"key: ({columns}) is not unique in {table}: it needs a primary key or a unique "
             "btree index on exactly these columns, in this order"
         )
-    rights = await conn.fetchrow(sql.PRIVILEGES, rel["oid"])
-    assert rights is not None
-    for right in ("select", "update"):
-        if not rights[f"can_{right}"]:
-            raise ConfigError(
-                f"permission denied: role {rights['role']} lacks {right.upper()} on {table}"
-            )
+    await _require(conn, rel["oid"], table, _SOURCE_RIGHTS[job.shape])
     key = tuple(KeyColumn(name, found[name]["sql_type"]) for name in job.key)
     return Target(schema=job.table.schema_, table=job.table.name, key=key)
 
@@ -61,3 +79,99 @@ async def resolve(conn: asyncpg.Connection, job: Job) -> Target:
 async def estimated_rows(conn: asyncpg.Connection, job: Job) -> int:
     rel = await conn.fetchrow(sql.RELATION, job.table.schema_, job.table.name)
     return int(await conn.fetchval(sql.ESTIMATED_ROWS, rel["oid"])) if rel else 0
+
+
+async def change(conn: asyncpg.Connection, job: Job, target: Target) -> Change:
+    """The job's shape, resolved and checked against the catalog: the copy's target or the
+    archive exists, has the columns written, with types that fit, and may be written."""
+    if job.copy_ is not None:
+        return await _copy(conn, job, job.copy_, target)
+    if job.delete is None:
+        assert job.set is not None
+        return Change(sql.UPDATE, job.where, set_=job.set)
+    if job.delete.archive is None:
+        return Change(sql.DELETE, job.where)
+    archive = job.delete.archive
+    rel = await _relation(conn, "delete.archive", archive)
+    source = await _columns(conn, target)
+    into = {c["name"]: c for c in await conn.fetch(sql.ALL_COLUMNS, rel["oid"])}
+    for name, column in source.items():
+        there = into.get(name)
+        if there is None or there["type_oid"] != column["type_oid"]:
+            has = "has no such column" if there is None else f"has it as {there['sql_type']}"
+            raise ConfigError(
+                f"delete.archive: column {name} ({column['sql_type']}) of {job.table.display}: "
+                f"{archive.display} {has}"
+            )
+    for name, column in into.items():
+        if name not in source and column["needs_value"]:
+            raise ConfigError(
+                f"delete.archive: column {name} of {archive.display} is NOT NULL without a "
+                "default (give it one, e.g. DEFAULT now())"
+            )
+    await _require(conn, rel["oid"], archive.display, ("insert",))
+    columns = tuple((n, ident(n)) for n in source if not into[n]["generated"])
+    return Change(sql.ARCHIVE, job.where, into=_quoted(archive), columns=columns)
+
+
+async def _copy(conn: asyncpg.Connection, job: Job, copy: Copy, target: Target) -> Change:
+    into = copy.into.display
+    rel = await _relation(conn, "copy.into", copy.into)
+    source = await _columns(conn, target)
+    there = {c["name"]: c for c in await conn.fetch(sql.ALL_COLUMNS, rel["oid"])}
+    for name in copy.values:
+        if name not in there or there[name]["generated"]:
+            what = "does not exist" if name not in there else "is generated"
+            raise ConfigError(f"copy.values: column {name} {what} in {into}")
+    if copy.columns is None:  # every column both have, by name, that the target lets write
+        names = [n for n in source if n in there and not there[n]["generated"]
+                 and n not in copy.values]
+    else:
+        names = list(copy.columns)
+    for name in names:
+        if name not in source:
+            raise ConfigError(f"copy.columns: column {name} does not exist in {job.table.display}")
+        if name not in there or there[name]["generated"]:
+            what = "does not exist" if name not in there else "is generated"
+            raise ConfigError(f"copy.columns: column {name} {what} in {into}")
+        mine, theirs = source[name], there[name]
+        if not await conn.fetchval(sql.WIDENS, mine["type_oid"], theirs["type_oid"]):
+            raise ConfigError(
+                f"copy.columns: column {name} is {mine['sql_type']} in {job.table.display} "
+                f"but {theirs['sql_type']} in {into} (use [copy.values] to convert it)"
+            )
+    written = set(names) | set(copy.values)
+    for key in target.key:
+        if key.name not in written:
+            raise ConfigError(f"copy.columns: the key column {key.name} is not copied to {into}")
+    attnums = [await conn.fetchval(sql.ATTNUM, rel["oid"], k.name) for k in target.key]
+    if await conn.fetchval(sql.UNIQUE_INDEX, rel["oid"], attnums) is None:
+        raise ConfigError(
+            f"copy.into: ({target.columns()}) is not unique in {into}: ON CONFLICT needs a "
+            "primary key or a unique btree index on exactly these columns, in this order"
+        )
+    rights = ("insert", "select", "update") if copy.on_conflict == "update" else ("insert",)
+    await _require(conn, rel["oid"], into, rights)
+    columns = tuple((n, ident(n)) for n in names) + tuple(copy.values.items())
+    return Change(sql.COPY, job.where, into=_quoted(copy.into), columns=columns,
+                  on_conflict=copy.on_conflict)
+
+
+async def _columns(conn: asyncpg.Connection, target: Target) -> dict[str, asyncpg.Record]:
+    rel = await conn.fetchrow(sql.RELATION, target.schema, target.table)
+    assert rel is not None
+    return {c["name"]: c for c in await conn.fetch(sql.ALL_COLUMNS, rel["oid"])}
+
+
+def _quoted(table: Table) -> str:
+    return f"{ident(table.schema_)}.{ident(table.name)}"
+
+
+async def unindexed_references(conn: asyncpg.Connection, job: Job) -> list[str]:
+    """Foreign keys referencing the job's table without an index on their columns, as
+    ``table (columns)``: every row a delete removes scans each of those tables."""
+    rel = await conn.fetchrow(sql.RELATION, job.table.schema_, job.table.name)
+    if rel is None:
+        return []
+    rows = await conn.fetch(sql.UNINDEXED_REFERENCES, rel["oid"])
+    return [f"{r['referencing']} ({r['columns']}, constraint {r['name']})" for r in rows]

@@ -120,8 +120,9 @@ def init() -> None:
     from backfill import commands
 
     params = _params_or_exit()
-    _run(lambda: commands.init(params))
-    typer.echo("state schema 'backfill' is ready")
+    applied = _run(lambda: commands.init(params))
+    done = f" (applied migration {', '.join(map(str, applied))})" if applied else ""
+    typer.echo(f"state schema 'backfill' is ready{done}")
 
 
 @app.command()
@@ -144,6 +145,8 @@ def plan(path: JobPath) -> None:
         f"~{p.rows_matching:,} matching where (planner estimates)"
     )
     typer.echo(f"batches   ~{p.batches:,} of {job.batch.size}")
+    for warning in p.warnings:
+        typer.echo(f"warning   {warning}")
     typer.echo(
         f"duration  ~{human_seconds(p.estimated_seconds)} "
         f"(one batch took {p.batch_seconds * 1000:.1f} ms, measured and rolled back, "
@@ -185,6 +188,7 @@ def run(
 
     Ctrl-C or SIGTERM stops after the batch in flight; run again to resume."""
     from backfill import commands
+    from backfill.job import DONE_WORDS
     from backfill.ranges import Shard
 
     job, params = _job(path), _params_or_exit()
@@ -197,7 +201,7 @@ def run(
     label = f" shard {part}" if part.count > 1 else ""
     typer.echo(
         f"job {job.name}{label} done: "
-        f"{ckpt.rows_updated:,} rows updated in {ckpt.batches:,} batches"
+        f"{ckpt.rows_updated:,} rows {DONE_WORDS[job.shape]} in {ckpt.batches:,} batches"
         + (f", {ckpt.rows_skipped} skipped" if ckpt.rows_skipped else ""),
         err=True,
     )
@@ -253,9 +257,19 @@ def verify(path: JobPath) -> None:
 
     job, params = _job(path), _params_or_exit()
     left = _run(lambda: commands.verify(job, params))
-    typer.echo(f"{left:,} rows in range still match where")
+    typer.echo(f"{left:,} rows in range {_left_to_do(job)}")
     if left:
         raise typer.Exit(1)
+
+
+def _left_to_do(job: Job) -> str:
+    """What ``verify`` counted, in the job's words."""
+    if job.copy_ is not None:
+        return f"missing or different in {job.copy_.into.display}"
+    if job.delete is not None and job.delete.archive is not None:
+        return (f"still match where, or are both in {job.table.display} and in "
+                f"{job.delete.archive.display}")
+    return "still match where"
 
 
 @app.command()

@@ -22,7 +22,7 @@ from backfill.pg import POOLER_HINT, Budget, connect, translate
 from backfill.ranges import WHOLE, Shard
 from backfill.session import CLOSE_BUDGET, PgSession
 from backfill.settings import ConnectParams
-from backfill.sql import Target
+from backfill.sql import Change, Target
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,17 @@ async def open_connection(params: ConnectParams, job: Job) -> asyncpg.Connection
     )
 
 
+async def schema_version(conn: asyncpg.Connection) -> int:
+    """The state schema's highest applied migration (0: none, or from before versions)."""
+    if not await conn.fetchval(sql.VERSIONS_EXIST):
+        return 0
+    return int(await conn.fetchval(sql.SCHEMA_VERSION))
+
+
 async def require_state_schema(conn: asyncpg.Connection) -> None:
     if not await conn.fetchval(sql.STATE_EXISTS):
         raise ConfigError("the state schema 'backfill' does not exist: run `backfill init` first")
-    if not await conn.fetchval(sql.STATE_CURRENT):
+    if await schema_version(conn) < sql.LATEST:
         raise ConfigError(
             "the state schema 'backfill' is from an older version: "
             "run `backfill init` to upgrade it"
@@ -118,11 +125,14 @@ async def _holder(conn: asyncpg.Connection, name: str, shard: int) -> str:
     return f"{where}backend pid {row['pid']} from {client} since {since}"
 
 
-async def check_fragments(conn: asyncpg.Connection, job: Job, target: Target) -> None:
-    """Prepare (never run) ``set`` and ``where`` each alone, before anything is written: a
-    fragment the server rejects is a ``ConfigError`` naming its field (even a constant
-    ``1/0``: it fails for every row)."""
-    checks = sql.fragment_checks(target, set_=job.set, where=job.where)
+async def check_fragments(
+    conn: asyncpg.Connection, job: Job, target: Target, change: Change
+) -> None:
+    """Prepare (never run) each of the job's SQL fragments alone (``set``, ``where``, the
+    ``[copy.values]``), before anything is written: a fragment the server rejects is a
+    ``ConfigError`` naming its field (even a constant ``1/0``: it fails for every row)."""
+    values = job.copy_.values if job.copy_ is not None else {}
+    checks = sql.fragment_checks(target, change, values)
     for field, statement in checks.items():
         try:
             await conn.prepare(statement)
@@ -130,7 +140,7 @@ async def check_fragments(conn: asyncpg.Connection, job: Job, target: Target) ->
             error = translate(exc, closed=conn.is_closed())
             if isinstance(error, ConnectionLost | Contention | StatementTimeout):
                 raise error from exc
-            raise ConfigError(f"set/where: {error} (in {field})") from exc
+            raise ConfigError(f"{job.sql_fields}: {error} (in {field})") from exc
 
 
 class PgConnector:
@@ -144,6 +154,7 @@ class PgConnector:
         self.identity = identity
         self.shard = shard
         self.run_id: int | None = None  # this process's row in backfill.runs
+        self._warned = False  # the warnings about the job's table are logged once a run
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[PgSession]:
@@ -159,11 +170,20 @@ class PgConnector:
         try:
             await require_state_schema(conn)
             target = await catalog.resolve(conn, job)
-            await check_fragments(conn, job, target)
+            change = await catalog.change(conn, job, target)
+            await check_fragments(conn, job, target, change)
             pid = await take_lock(conn, job.name, shard=shard, wait=job.limits.lock_wait)
             await check_own_backend(conn, self.params, job, pid)
             ckpt = await self._load_or_create(conn, target)
-            session = PgSession(conn, job, target, ckpt, pid=pid)
+            if not self._warned and job.delete is not None:
+                self._warned = True
+                for reference in await catalog.unindexed_references(conn, job):
+                    log.warning(
+                        "a foreign key references the table without an index: each deleted "
+                        "row scans the referencing table",
+                        extra={"job": job.name, "reference": reference},
+                    )
+            session = PgSession(conn, job, target, ckpt, change=change, pid=pid)
             await session.prepare()
             async with conn.transaction():
                 # After a lost connection this process's run goes on (unless another runner
@@ -194,8 +214,9 @@ class PgConnector:
             raise ranges.mismatch(job.name, ckpt.shards, shard.count)
         if ckpt.fingerprint != job.fingerprint:
             raise ConfigError(
-                f"job {job.name} changed since its checkpoint was made (table, key, set or where "
-                f"differ): run `backfill reset {job.name} --yes` to start over, or rename the job"
+                f"job {job.name} changed since its checkpoint was made (table, key, where or "
+                "its shape differ): "
+                f"run `backfill reset {job.name} --yes` to start over, or rename the job"
             )
         return ckpt
 

@@ -1,6 +1,7 @@
 """The job definition: a TOML file validated into frozen values.
 
-A job says which rows to change (``table``, ``key``, ``where``), how (``set``) and how gently
+A job says which rows to change (``table``, ``key``, ``where``), how (its shape: ``set`` for an
+update, ``[copy]`` into another table, ``[delete]`` with an optional archive) and how gently
 (``[batch]``, ``[limits]``). Its meaning is fingerprinted so a run never resumes a checkpoint that
 was made for a different definition.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -85,7 +87,7 @@ Share = Annotated[float, BeforeValidator(parse_share)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
 class BatchConfig(_Frozen):
@@ -145,6 +147,14 @@ class ThrottleConfig(_Frozen):
         return value.strip() if value is not None else None
 
 
+Shape = Literal["update", "copy", "delete", "archive"]
+
+# What the rows of each shape became, for the log, `status` and the final line.
+DONE_WORDS: dict[str, str] = {
+    "update": "updated", "copy": "copied", "delete": "deleted", "archive": "archived",
+}
+
+
 class Table(_Frozen):
     schema_: str
     name: str
@@ -154,34 +164,84 @@ class Table(_Frozen):
         return f"{self.schema_}.{self.name}"
 
 
+def _table_name(value: object) -> object:
+    if isinstance(value, Table):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected 'schema.table' or 'table'")
+    parts = value.split(".")
+    if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+        raise ValueError(
+            f"{value!r} is not a plain identifier or schema.identifier "
+            "(letters, digits, underscore)"
+        )
+    schema, name = parts if len(parts) == 2 else ("public", parts[0])
+    return Table(schema_=schema, name=name)
+
+
+def _fragment(value: str) -> str:
+    # Fragments are trusted SQL, but a ';' can only mean a second statement smuggled in.
+    if ";" in value:
+        raise ValueError("must be a single SQL expression without ';'")
+    if not value.strip():
+        raise ValueError("must not be empty")
+    # Nor may it close what it did not open, or leave open a quote or comment: either
+    # could swallow the batch's key range and update the whole table.
+    if problem := fragment_problem(value):
+        raise ValueError(problem)
+    return value.strip()
+
+
+def _column(value: object) -> str:
+    if not isinstance(value, str) or not _IDENT.match(value):
+        raise ValueError(f"{value!r} is not a plain column name")
+    return value
+
+
+TableName = Annotated[Table, BeforeValidator(_table_name)]
+Fragment = Annotated[str, Field(min_length=1, max_length=100_000), AfterValidator(_fragment)]
+Column = Annotated[str, BeforeValidator(_column)]
+
+
+class Copy(_Frozen):
+    """The copy shape: insert the slice's rows into another table (``into``)."""
+
+    into: TableName
+    # Target columns copied by name from the source (None: every column both tables have).
+    columns: tuple[Column, ...] | None = Field(None, min_length=1)
+    on_conflict: Literal["nothing", "update"] = "nothing"
+    # Target column = SQL expression over the source row.
+    values: dict[Column, Fragment] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Copy:
+        named = list(self.columns or ()) + list(self.values)
+        if len(set(named)) != len(named):
+            raise ValueError("a column appears twice in columns and values")
+        return self
+
+
+class Delete(_Frozen):
+    """The delete shape: delete the slice's rows, moving them to ``archive`` if set."""
+
+    archive: TableName | None = None
+
+
 class Job(_Frozen):
-    """A validated job definition."""
+    """A validated job definition: its shape is exactly one of ``set`` (update), ``copy`` or
+    ``delete``."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    table: Table
+    table: TableName
     key: tuple[str, ...]
-    set: str = Field(min_length=1, max_length=100_000)
-    where: str = Field(min_length=1, max_length=100_000)
+    set: Fragment | None = None
+    copy_: Copy | None = Field(None, alias="copy")
+    delete: Delete | None = None
+    where: Fragment
     on_row_error: Literal["fail", "skip"] = "fail"
     batch: BatchConfig = BatchConfig()
     limits: Limits = Limits()
     throttle: ThrottleConfig = ThrottleConfig()
-
-    @field_validator("table", mode="before")
-    @classmethod
-    def _table(cls, value: object) -> object:
-        if isinstance(value, Table):
-            return value
-        if not isinstance(value, str):
-            raise ValueError("expected 'schema.table' or 'table'")
-        parts = value.split(".")
-        if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
-            raise ValueError(
-                f"{value!r} is not a plain identifier or schema.identifier "
-                "(letters, digits, underscore)"
-            )
-        schema, name = parts if len(parts) == 2 else ("public", parts[0])
-        return Table(schema_=schema, name=name)
 
     @field_validator("key", mode="before")
     @classmethod
@@ -196,29 +256,57 @@ class Job(_Frozen):
             raise ValueError("a column appears twice")
         return tuple(columns)
 
-    @field_validator("set", "where")
+    @model_validator(mode="before")
     @classmethod
-    def _fragment(cls, value: str) -> str:
-        # Fragments are trusted SQL, but a ';' can only mean a second statement smuggled in.
-        if ";" in value:
-            raise ValueError("must be a single SQL expression without ';'")
-        if not value.strip():
-            raise ValueError("must not be empty")
-        # Nor may it close what it did not open, or leave open a quote or comment: either
-        # could swallow the batch's key range and update the whole table.
-        if problem := fragment_problem(value):
-            raise ValueError(problem)
-        return value.strip()
+    def _copy_where(cls, data: object) -> object:
+        # A copy may take every row; an update or a delete must say which rows (as always).
+        if isinstance(data, dict) and "copy" in data and "where" not in data:
+            return {**data, "where": "true"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> Job:
+        given = [f for f, v in (("set", self.set), ("[copy]", self.copy_),
+                                ("[delete]", self.delete)) if v is not None]
+        if len(given) != 1:
+            found = " and ".join(given) if given else "none"
+            raise ValueError(f"a job needs exactly one of set, [copy], [delete]; it has {found}")
+        return self
+
+    @property
+    def shape(self) -> Shape:
+        """What a batch does to its rows: ``update``, ``copy``, ``delete`` or ``archive``."""
+        if self.copy_ is not None:
+            return "copy"
+        if self.delete is not None:
+            return "archive" if self.delete.archive is not None else "delete"
+        return "update"
+
+    @property
+    def sql_fields(self) -> str:
+        """The job-file fields whose SQL goes into the batch statement (for its errors)."""
+        return {"update": "set/where", "copy": "copy.values/where"}.get(self.shape, "where")
 
     @property
     def fingerprint(self) -> str:
         """A digest of what the job means (not how fast it runs)."""
-        meaning = {
+        meaning: dict[str, object] = {
             "table": self.table.display,
             "key": list(self.key),
-            "set": " ".join(self.set.split()),
             "where": " ".join(self.where.split()),
         }
+        if self.set is not None:  # the UPDATE shape keeps the digest it always had
+            meaning["set"] = " ".join(self.set.split())
+        if self.copy_ is not None:
+            meaning["copy"] = {
+                "into": self.copy_.into.display,
+                "columns": None if self.copy_.columns is None else list(self.copy_.columns),
+                "on_conflict": self.copy_.on_conflict,
+                "values": {c: " ".join(v.split()) for c, v in self.copy_.values.items()},
+            }
+        if self.delete is not None:
+            archive = self.delete.archive
+            meaning["delete"] = {"archive": None if archive is None else archive.display}
         blob = json.dumps(meaning, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -240,6 +328,7 @@ def parse_job(data: dict[str, object], *, source: str = "job") -> Job:
         return Job.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "job"
+        field = ".".join(str(p) for p in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{source}: {field}: {message}") from exc
+        where = f"{source}: {field}" if field else source
+        raise ConfigError(f"{where}: {message}") from exc

@@ -103,7 +103,7 @@ async def create_checkpoints(
             sql.CREATE,
             [
                 (job.name, i, shards, job.fingerprint, job.table.display,
-                 _list(s.lo), _list(s.hi), _list(s.cursor))
+                 _list(s.lo), _list(s.hi), _list(s.cursor), job.shape)
                 for i, s in enumerate(spans)
             ],
         )

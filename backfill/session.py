@@ -25,7 +25,7 @@ from backfill.errors import (
 )
 from backfill.job import Job
 from backfill.pg import CLIENT_SLACK, translate
-from backfill.sql import Target
+from backfill.sql import Change, Target
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,13 @@ class PgSession:
 
     def __init__(
         self, conn: asyncpg.Connection, job: Job, target: Target, checkpoint: Checkpoint,
-        *, pid: int | None = None,
+        *, change: Change, pid: int | None = None,
     ) -> None:
         self.conn = conn
         self.job = job
         self.shard = checkpoint.shard
         self.target = target
+        self.change = change
         self.pid = pid  # the backend that holds the job's lock: every batch must run there
         self._checkpoint = checkpoint
         self.run_id: int | None = None
@@ -76,15 +77,15 @@ class PgSession:
         return self._checkpoint
 
     def _batch(self, *, first: bool) -> str:
-        return sql.batch(self.target, set_=self.job.set, where=self.job.where, first=first)
+        return sql.batch_statement(self.target, self.change, first=first)
 
     async def prepare(self) -> None:
-        """Prepare the batch statements: validates ``set`` and ``where`` before any write."""
+        """Prepare the batch statements: validates the job's SQL before any write."""
         try:
             for name, first in (("first", True), ("next", False)):
                 self._statements[name] = await self.conn.prepare(self._batch(first=first))
         except Exception as exc:
-            raise self._translate(exc, "set/where") from exc
+            raise self._translate(exc, self.job.sql_fields) from exc
 
     def _translate(self, exc: BaseException, where: str = "") -> Exception:
         error = translate(exc, closed=self.conn.is_closed(), where=where)

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from backfill import commands
+from backfill import commands, sql
 from backfill.errors import ConfigError
 from backfill.job import parse_job
 from tests.conftest import REPO, Database, cli, seed_users, users_job, write_job
@@ -181,10 +181,23 @@ async def _is(db: Database, expected: str) -> bool:
 
 
 async def test_init_upgrades_an_older_state_schema(db: Database) -> None:
+    # An install from before versions: no version table, and it lacked later additions.
     await db.execute(
-        "ALTER TABLE backfill.checkpoints DROP COLUMN settings; DROP TABLE backfill.controls"
+        "DROP TABLE backfill.schema_version; ALTER TABLE backfill.checkpoints DROP COLUMN "
+        "settings, DROP COLUMN shape; DROP TABLE backfill.controls"
     )
     with pytest.raises(ConfigError, match="older version: run `backfill init`"):
         await commands.pause(db.params, NAME)
-    await commands.init(db.params)
+    assert await commands.init(db.params) == [m.version for m in sql.MIGRATIONS]
     assert (await commands.pause(db.params, NAME)).pending
+    # Up to date: nothing more to apply; each migration has its row.
+    assert await commands.init(db.params) == []
+    versions = await db.fetch("SELECT version FROM backfill.schema_version ORDER BY 1")
+    assert [r["version"] for r in versions] == [m.version for m in sql.MIGRATIONS]
+
+
+async def test_a_migration_missing_is_reported(db: Database) -> None:
+    await db.execute(f"DELETE FROM backfill.schema_version WHERE version = {sql.LATEST}")
+    with pytest.raises(ConfigError, match="older version: run `backfill init`"):
+        await commands.pause(db.params, NAME)
+    assert await commands.init(db.params) == [sql.LATEST]

@@ -12,7 +12,7 @@ import asyncpg
 from backfill import catalog, sql
 from backfill.checkpoint import Checkpoint, to_checkpoint
 from backfill.commands._common import guard
-from backfill.connector import open_connection
+from backfill.connector import check_fragments, open_connection
 from backfill.job import Job
 from backfill.settings import ConnectParams
 
@@ -32,13 +32,16 @@ class Plan:
     batches: int
     batch_seconds: float
     estimated_seconds: float
+    shape: str = "update"
+    warnings: tuple[str, ...] = ()
 
 
 async def plan(job: Job, params: ConnectParams) -> Plan:
     """Validate, connect, and show what a run would do. Nothing is written.
 
-    The batch time comes from EXPLAIN ANALYZE of the first batch's UPDATE in a transaction
-    that is rolled back.
+    The batch time comes from EXPLAIN ANALYZE of the real batch statement (claim, change,
+    checkpoint) in a transaction that is rolled back; the checkpoint row it claims (and the
+    state schema, before ``backfill init``) is made to exist in that transaction if need be.
     """
     conn = await guard(open_connection(params, job))
     try:
@@ -49,8 +52,11 @@ async def plan(job: Job, params: ConnectParams) -> Plan:
 
 async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
     target = await catalog.resolve(conn, job)
+    change = await catalog.change(conn, job, target)
+    await check_fragments(conn, job, target, change)
     ckpt: Checkpoint | None = None
-    if await conn.fetchval(sql.STATE_EXISTS):
+    state = await conn.fetchval(sql.STATE_EXISTS)
+    if state:
         row = await conn.fetchrow(sql.LOAD, job.name, 0)
         ckpt = to_checkpoint(row) if row is not None else None
     if ckpt is not None:
@@ -61,18 +67,25 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
         lo = tuple(lo_v) if lo_v else None
         hi = tuple(hi_v) if hi_v else None
         cursor = None
-    first = cursor is None
-    statement = sql.batch(target, set_=job.set, where=job.where, first=first)
-    dry = sql.dry_batch(target, set_=job.set, where=job.where, first=first)
+    statement = sql.batch_statement(target, change, first=cursor is None)
     rows_in_table = await catalog.estimated_rows(conn, job)
-    args = [list(cursor or lo or ()), list(hi or ()), job.batch.size, job.name, 0]
     explain_text, batch_seconds, matching = "(empty key range: nothing to do)", 0.0, 0
     if lo is not None:
         tx = conn.transaction()
         await tx.start()
         try:
+            if not state:
+                await conn.execute(sql.INIT)
+            if ckpt is None:
+                await conn.execute(
+                    sql.CREATE, job.name, 0, 1, job.fingerprint, job.table.display, list(lo),
+                    list(hi or ()), None, job.shape,
+                )
+            version = ckpt.batches if ckpt is not None else 0
             t0 = time.perf_counter()
-            rows = await conn.fetch(sql.explain(dry, analyze=True), *args)
+            rows = await conn.fetch(
+                sql.explain(statement, analyze=True), job.batch.size, version, job.name, 0, True
+            )
             batch_seconds = time.perf_counter() - t0
         finally:
             await tx.rollback()
@@ -82,6 +95,13 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
         )
         matching = int(json.loads(count_plan)[0]["Plan"]["Plan Rows"])
     batches = math.ceil(rows_in_table / job.batch.size) if lo is not None else 0
+    warnings: list[str] = []
+    if job.delete is not None:
+        warnings = [
+            f"{reference} references {job.table.display} without an index: each deleted row "
+            "scans it"
+            for reference in await catalog.unindexed_references(conn, job)
+        ]
     return Plan(
         job=job.name,
         table=target.relation,
@@ -96,12 +116,16 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
         batches=batches,
         batch_seconds=batch_seconds,
         estimated_seconds=batches * (batch_seconds + job.batch.sleep_seconds),
+        shape=job.shape,
+        warnings=tuple(warnings),
     )
 
 
 async def verify(job: Job, params: ConnectParams, *, slice_size: int | None = None) -> int:
-    """Count rows in the job's key range that still match ``where``, slice by slice (each
-    slice a bounded statement). Returns the count; 0 means the backfill is complete."""
+    """Count the rows of the job's key range still to do, slice by slice (each slice a bounded
+    statement): rows that still match ``where`` (update, delete); source rows matching it that
+    are missing or different in the target (copy); for an archive, also archived rows whose
+    key is still in the source. Returns the count; 0 means the job is complete."""
     conn = await guard(open_connection(params, job))
     try:
         size = slice_size or min(100_000, job.batch.size * 10)
@@ -112,6 +136,7 @@ async def verify(job: Job, params: ConnectParams, *, slice_size: int | None = No
 
 async def _verify(conn: asyncpg.Connection, job: Job, size: int) -> int:
     target = await catalog.resolve(conn, job)
+    change = await catalog.change(conn, job, target)
     lo, hi = None, None
     if await conn.fetchval(sql.STATE_EXISTS):
         # The whole job's range: from the first shard's start to the last shard's end.
@@ -122,9 +147,11 @@ async def _verify(conn: asyncpg.Connection, job: Job, size: int) -> int:
         lo, hi = await conn.fetchval(sql.lowest(target)), await conn.fetchval(sql.highest(target))
     if lo is None:
         return 0
-    first_q = sql.count_slice(target, where=job.where, first=True)
-    next_q = sql.count_slice(target, where=job.where, first=False)
+    first_q = sql.count_slice(target, change, first=True)
+    next_q = sql.count_slice(target, change, first=False)
     total, cursor = 0, None
+    if change.kind == sql.ARCHIVE:
+        total = await conn.fetchval(sql.archived_still_in_source(target, change.into), lo, hi)
     while True:
         row = await conn.fetchrow(first_q if cursor is None else next_q, cursor or lo, hi, size)
         assert row is not None

@@ -13,7 +13,7 @@ import asyncpg
 from backfill import control, sql
 from backfill.checkpoint import Checkpoint, to_checkpoint
 from backfill.commands._common import admin, guard
-from backfill.connector import require_state_schema, take_lock
+from backfill.connector import require_state_schema, schema_version, take_lock
 from backfill.progress import run_rate
 from backfill.ranges import CREATING
 from backfill.settings import ConnectParams
@@ -21,13 +21,30 @@ from backfill.settings import ConnectParams
 log = logging.getLogger(__name__)
 
 
-async def init(params: ConnectParams) -> None:
-    """Create (or upgrade) the state schema. Needs CREATE on the database; idempotent."""
+async def init(params: ConnectParams) -> list[int]:
+    """Create (or upgrade) the state schema: apply the migrations it lacks, in one transaction.
+    Needs CREATE on the database; idempotent. Returns the versions applied."""
     conn = await admin(params, "init")
     try:
-        await guard(conn.execute(sql.INIT))
+        return await guard(_migrate(conn))
     finally:
         await conn.close()
+
+
+async def _migrate(conn: asyncpg.Connection) -> list[int]:
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute(sql.LOCK_MIGRATING)
+        await conn.execute(sql.VERSIONED)
+        current = await schema_version(conn)
+        for migration in sql.MIGRATIONS:
+            if migration.version > current:
+                await conn.execute(migration.sql)
+                await conn.execute(sql.APPLIED, migration.version, migration.description)
+                applied.append(migration.version)
+    if applied:
+        log.info("state schema migrated", extra={"versions": applied})
+    return applied
 
 
 @dataclass(frozen=True, slots=True)

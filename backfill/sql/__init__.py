@@ -1,4 +1,6 @@
-"""Every SQL statement the runner sends, built in one place: one module per kind of statement.
+"""Every SQL statement the runner sends, built in one place: one module per kind of statement
+(``slices``: the keys a batch covers; ``shapes``: what it does to them; ``batch``: the claim and
+the checkpoint around them; ``state``: the state schema and its numbered migrations).
 
 Identifiers go through ``ident``; values are always ``$n`` parameters. Key values travel as
 ``text[]`` and are cast back to the key's type on the server, so any key type whose text form
@@ -15,19 +17,19 @@ from backfill.sql.batch import (
     BATCH_TYPES as BATCH_TYPES,
 )
 from backfill.sql.batch import (
-    INTEGER_TYPES as INTEGER_TYPES,
-)
-from backfill.sql.batch import (
     MOVED as MOVED,
 )
 from backfill.sql.batch import (
     batch as batch,
 )
 from backfill.sql.batch import (
-    count_slice as count_slice,
+    batch_statement as batch_statement,
 )
 from backfill.sql.batch import (
-    dry_batch as dry_batch,
+    claimed_slice as claimed_slice,
+)
+from backfill.sql.batch import (
+    count_slice as count_slice,
 )
 from backfill.sql.batch import (
     fragment_checks as fragment_checks,
@@ -36,16 +38,13 @@ from backfill.sql.batch import (
     group as group,
 )
 from backfill.sql.batch import (
-    key_of_next_row as key_of_next_row,
-)
-from backfill.sql.batch import (
     prepare as prepare,
 )
-from backfill.sql.batch import (
-    slice_end as slice_end,
+from backfill.sql.catalog import (
+    ALL_COLUMNS as ALL_COLUMNS,
 )
-from backfill.sql.batch import (
-    spannable as spannable,
+from backfill.sql.catalog import (
+    ATTNUM as ATTNUM,
 )
 from backfill.sql.catalog import (
     COLUMNS as COLUMNS,
@@ -63,7 +62,13 @@ from backfill.sql.catalog import (
     TABLE_PAGES as TABLE_PAGES,
 )
 from backfill.sql.catalog import (
+    UNINDEXED_REFERENCES as UNINDEXED_REFERENCES,
+)
+from backfill.sql.catalog import (
     UNIQUE_INDEX as UNIQUE_INDEX,
+)
+from backfill.sql.catalog import (
+    WIDENS as WIDENS,
 )
 from backfill.sql.catalog import (
     highest as highest,
@@ -134,6 +139,45 @@ from backfill.sql.probes import (
 from backfill.sql.probes import (
     STATEMENTS_INSTALLED as STATEMENTS_INSTALLED,
 )
+from backfill.sql.shapes import (
+    ARCHIVE as ARCHIVE,
+)
+from backfill.sql.shapes import (
+    COPY as COPY,
+)
+from backfill.sql.shapes import (
+    DELETE as DELETE,
+)
+from backfill.sql.shapes import (
+    UPDATE as UPDATE,
+)
+from backfill.sql.shapes import (
+    Change as Change,
+)
+from backfill.sql.shapes import (
+    archived_still_in_source as archived_still_in_source,
+)
+from backfill.sql.slices import (
+    INTEGER_TYPES as INTEGER_TYPES,
+)
+from backfill.sql.slices import (
+    Slice as Slice,
+)
+from backfill.sql.slices import (
+    key_of_next_row as key_of_next_row,
+)
+from backfill.sql.slices import (
+    param_slice as param_slice,
+)
+from backfill.sql.slices import (
+    slice_end as slice_end,
+)
+from backfill.sql.slices import (
+    spannable as spannable,
+)
+from backfill.sql.state import (
+    APPLIED as APPLIED,
+)
 from backfill.sql.state import (
     BACKEND_PID as BACKEND_PID,
 )
@@ -156,6 +200,9 @@ from backfill.sql.state import (
     INIT as INIT,
 )
 from backfill.sql.state import (
+    LATEST as LATEST,
+)
+from backfill.sql.state import (
     LATEST_RUNS as LATEST_RUNS,
 )
 from backfill.sql.state import (
@@ -171,6 +218,12 @@ from backfill.sql.state import (
     LOCK_HOLDER as LOCK_HOLDER,
 )
 from backfill.sql.state import (
+    LOCK_MIGRATING as LOCK_MIGRATING,
+)
+from backfill.sql.state import (
+    MIGRATIONS as MIGRATIONS,
+)
+from backfill.sql.state import (
     NOW as NOW,
 )
 from backfill.sql.state import (
@@ -183,6 +236,9 @@ from backfill.sql.state import (
     RUN_OPEN as RUN_OPEN,
 )
 from backfill.sql.state import (
+    SCHEMA_VERSION as SCHEMA_VERSION,
+)
+from backfill.sql.state import (
     SHARD_COUNT as SHARD_COUNT,
 )
 from backfill.sql.state import (
@@ -190,9 +246,6 @@ from backfill.sql.state import (
 )
 from backfill.sql.state import (
     START as START,
-)
-from backfill.sql.state import (
-    STATE_CURRENT as STATE_CURRENT,
 )
 from backfill.sql.state import (
     STATE_EXISTS as STATE_EXISTS,
@@ -204,10 +257,20 @@ from backfill.sql.state import (
     TRY_LOCK as TRY_LOCK,
 )
 from backfill.sql.state import (
-    UNLOCK as UNLOCK,
+    VERSIONED as VERSIONED,
 )
-from backfill.sql.target import KeyColumn as KeyColumn
-from backfill.sql.target import Target as Target
+from backfill.sql.state import (
+    VERSIONS_EXIST as VERSIONS_EXIST,
+)
+from backfill.sql.state import (
+    Migration as Migration,
+)
+from backfill.sql.target import (
+    KeyColumn as KeyColumn,
+)
+from backfill.sql.target import (
+    Target as Target,
+)
 from backfill.sql.text import (
     SCHEMA as SCHEMA,
 )

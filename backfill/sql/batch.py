@@ -1,52 +1,21 @@
-"""The batch: the slice it takes, the statement that changes and checkpoints it, groups of
-batches, and the statements that look at a slice without changing it (plan, verify)."""
+"""The batch statement: claim the checkpoint, take the next slice, change it, save the checkpoint.
+
+Three pieces, each readable alone:
+
+* ``Slice`` (``backfill.sql.slices``): which keys the next slice holds, between a start and an
+  end, at most a size; with one integer key, a dense slice's end is computed;
+* the shape's change (``backfill.sql.shapes``): one CTE, ``backfill_changed``, that changes the
+  slice's rows (UPDATE, INSERT into the target, DELETE with an optional archive) and returns a
+  row per row it counts;
+* the claim and the save here, the same for every shape.
+"""
 
 from __future__ import annotations
 
+from backfill.sql.shapes import UPDATE, Change
+from backfill.sql.slices import Slice, param_slice
 from backfill.sql.target import Target
-from backfill.sql.text import SCHEMA, ident, literal
-
-
-def _after(t: Target, *, first: bool) -> str:
-    """The slice's lower bound: ``>= $1`` for a run's first batch, ``> $1`` after that."""
-    return f"{t.row()} {'>=' if first else '>'} {t.param_row(1)}"
-
-
-def slice_end(t: Target, *, lower: str, upper: str, size: str) -> str:
-    """The last key of the next slice: at most ``size`` keys that satisfy the condition
-    ``lower``, none beyond the key ``upper`` (an index range scan: never OFFSET)."""
-    return f"""
-        SELECT {t.columns()} FROM (
-            SELECT {t.columns()} FROM {t.relation}
-            WHERE {lower} AND {t.row()} <= {upper}
-            ORDER BY {t.order()} LIMIT {size}
-        ) backfill_slice ORDER BY {t.order("DESC")} LIMIT 1"""
-
-
-def _next_slice(t: Target, *, first: bool) -> str:
-    """``slice_end`` in parameters: at most $3 keys after $1, none beyond $2."""
-    return slice_end(t, lower=_after(t, first=first), upper=t.param_row(2), size="$3")
-
-
-INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
-
-
-def spannable(t: Target) -> bool:
-    """Whether the slice end can be computed instead of read (one integer key column)."""
-    return len(t.key) == 1 and t.key[0].sql_type in INTEGER_TYPES
-
-
-def _upto_last(t: Target) -> str:
-    ends = ", ".join(f"(SELECT {ident(k.name)} FROM backfill_last)" for k in t.key)
-    return f"{t.row()} <= ({ends})" if len(t.key) > 1 else f"{t.row()} <= {ends}"
-
-
-def _claimed(t: Target, prefix: str) -> str:
-    """The key the claimed checkpoint row holds, from its typed columns ``prefix1..n`` (the
-    start, ``a``, or the range's end, ``z``)."""
-    cols = [f"(SELECT {prefix}{i} FROM backfill_from)" for i in range(1, len(t.key) + 1)]
-    return f"({', '.join(cols)})" if len(t.key) > 1 else cols[0]
-
+from backfill.sql.text import SCHEMA, literal
 
 # A batch whose claim matched nothing fails with this in its message (a cast error, the one way
 # plain SQL can raise; the sub-select keeps the planner from folding it early): so the rest of
@@ -59,8 +28,35 @@ MOVED = "backfill: the checkpoint moved"
 BATCH_TYPES = ("int8", "int8", "text", "int4", "bool")
 
 
-def batch(t: Target, *, set_: str, where: str, first: bool) -> str:
-    """One batch as one statement: claim, slice, UPDATE, checkpoint, in one transaction.
+def claimed_slice(t: Target, *, first: bool) -> Slice:
+    """The slice of a batch: from the claimed checkpoint row (``backfill_from``: typed start
+    ``a1..n``, range end ``z1..n``), at most ``$1`` keys."""
+
+    def claimed(prefix: str) -> str:
+        cols = [f"(SELECT {prefix}{i} FROM backfill_from)" for i in range(1, len(t.key) + 1)]
+        return f"({', '.join(cols)})" if len(t.key) > 1 else cols[0]
+
+    return Slice(t, start=claimed("a"), end=claimed("z"), size="$1::int8", first=first)
+
+
+def _claim(t: Target, *, first: bool) -> str:
+    """The checkpoint row, locked, while its version has not passed ``$2`` (the swap)."""
+    typed = ", ".join(
+        f"{'range_lo' if first else 'cursor'}[{i}]::{k.sql_type} AS a{i}, "
+        f"range_hi[{i}]::{k.sql_type} AS z{i}"
+        for i, k in enumerate(t.key, 1)
+    )
+    return f"""
+    SELECT {typed}, dense, clock_timestamp() AS started FROM {SCHEMA}.checkpoints
+    WHERE job = $3::text AND shard = $4::int4 AND batches <= $2::int8
+      AND cursor IS {"" if first else "NOT "}NULL FOR UPDATE"""
+
+
+def batch(t: Target, change: str, *, first: bool) -> str:
+    """One batch as one statement: claim, slice, change, checkpoint, in one transaction.
+
+    ``change`` is the shape's CTEs (``backfill.sql.shapes``), written over ``claimed_slice``:
+    it ends in ``backfill_changed``, a row per row changed.
 
     The batch takes its start from the checkpoint row itself, which it claims ``FOR UPDATE``
     only while the row's version (``batches``, which every batch and skip moves with the
@@ -69,66 +65,29 @@ def batch(t: Target, *, set_: str, where: str, first: bool) -> str:
     batches before it found the range exhausted, and then it has nothing to do either.) A claim
     that matches nothing (another runner moved the checkpoint on, or it was reset) leaves the
     slice empty, so the statement writes nothing at all, data included, and then fails
-    (``MOVED``). Needing no value from the client
-    but the version, the same statement can run several times in one round trip (``group``).
+    (``MOVED``). Needing no value from the client but the version, the same statement can run
+    several times in one round trip (``group``).
 
     Parameters: $1 size, $2 version, $3 job, $4 shard, $5 whether it starts a group
     (``BATCH_TYPES``): it appends its rows, its duration (microseconds, measured by the server
     from its claim to its save) and its backend's pid to the checkpoint's ``recent``, which the
     first of a group empties. Returns one row: ``cursor`` (the slice's last key, NULL when the
-    range is exhausted), ``rows`` (rows the UPDATE reported), ``saved`` (1 when the checkpoint
-    moved),
-    ``control`` (live overrides, read for free) and ``pid`` (the backend that ran it). The
-    first batch of a range starts at its lowest key (``>=``), later ones after the cursor.
-
-    With one integer key, the statement decides for itself, from the checkpoint's ``dense``,
-    how the slice ends: after a dense slice ``$1`` key values after the cursor (computed,
-    sparing the index-only scan whose cost grows with the size), else after ``$1`` keys
-    (``slice_end``); a computed slice is dense when all its rows matched, a read one when it
-    is ``$1`` values wide. The end not chosen is never run (a one-time filter).
+    range is exhausted), ``rows`` (rows the change reported), ``saved`` (1 when the checkpoint
+    moved), ``control`` (live overrides, read for free) and ``pid`` (the backend that ran it).
     """
-    lower = f"{t.row()} {'>=' if first else '>'} {_claimed(t, 'a')}"
-    end = slice_end(t, lower=lower, upper=_claimed(t, "z"), size="$1::int8")
-    typed = ", ".join(
-        f"{'range_lo' if first else 'cursor'}[{i}]::{k.sql_type} AS a{i}, "
-        f"range_hi[{i}]::{k.sql_type} AS z{i}"
-        for i, k in enumerate(t.key, 1)
-    )
-    dense = ""
-    if spannable(t):
-        key = ident(t.key[0].name)
-        width = f"(SELECT {key} FROM backfill_last)::numeric - (SELECT a1 FROM backfill_from)"
-        if first:  # the first slice includes its start
-            dense = f"\n        dense = {width} = $1::int8 - 1,"
-        else:
-            # Unique integers in a span of $1 values are at most $1 keys: work stays bounded
-            # by the size without reading the index; on gaps the slice just holds fewer keys.
-            end = f"""
-        SELECT least(a1::numeric + $1::int8, z1)::{t.key[0].sql_type} AS {key}
-        FROM backfill_from WHERE dense AND a1 < z1
-        UNION ALL
-        SELECT {key} FROM ({end}) backfill_read WHERE NOT (SELECT dense FROM backfill_from)"""
-            dense = f"""
-        dense = CASE WHEN (SELECT dense FROM backfill_from)
-                THEN (SELECT n FROM backfill_count) = $1::int8 ELSE {width} = $1::int8 END,"""
-    # The UPDATE's rows are counted once (backfill_count), not once per reader.
+    s = claimed_slice(t, first=first)
+    # The change's rows are counted once (backfill_count), not once per reader.
     return f"""
-WITH backfill_from AS (
-    SELECT {typed}, dense, clock_timestamp() AS started FROM {SCHEMA}.checkpoints
-    WHERE job = $3::text AND shard = $4::int4 AND batches <= $2::int8
-      AND cursor IS {"" if first else "NOT "}NULL FOR UPDATE
-), backfill_last AS ({end}
-), backfill_changed AS (
-    UPDATE {t.relation} SET {set_}
-    WHERE {lower} AND {_upto_last(t)} AND ({where})
-    RETURNING 1
-), backfill_count AS (
+WITH backfill_from AS ({_claim(t, first=first)}
+), backfill_last AS ({s.last()}
+), {change.strip()}, backfill_count AS (
     SELECT count(*) AS n FROM backfill_changed
 ), backfill_saved AS (
     UPDATE {SCHEMA}.checkpoints
     SET cursor = (SELECT {t.as_text()} FROM backfill_last),
         rows_updated = rows_updated + (SELECT n FROM backfill_count),
-        batches = batches + 1, updated_at = clock_timestamp(),{dense}
+        batches = batches + 1, updated_at = clock_timestamp(),
+        dense = {s.dense()},
         recent = CASE WHEN $5::bool THEN '{{}}' ELSE coalesce(recent, '{{}}') END || ARRAY[
             (SELECT n FROM backfill_count),
             (extract(epoch FROM clock_timestamp() - (SELECT started FROM backfill_from))
@@ -172,38 +131,27 @@ FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2
 """
 
 
-def fragment_checks(t: Target, *, set_: str, where: str) -> dict[str, str]:
-    """``set`` and ``where`` each in a statement of its own, to prepare (never run) before
+def batch_statement(t: Target, change: Change, *, first: bool) -> str:
+    """The batch statement of a resolved shape (see ``batch``)."""
+    return batch(t, change.cte(t, claimed_slice(t, first=first)), first=first)
+
+
+def count_slice(t: Target, change: Change, *, first: bool) -> str:
+    """The rows of one slice still to do (``Change.left``), and the slice's last key (for
+    ``verify``; parameters as ``param_slice``)."""
+    s = param_slice(t, first=first)
+    return f"""
+WITH backfill_last AS ({s.last()}
+)
+SELECT (SELECT {t.as_text()} FROM backfill_last) AS cursor, ({change.left(t, s)}) AS rows"""
+
+
+def fragment_checks(t: Target, change: Change, values: dict[str, str]) -> dict[str, str]:
+    """The job's SQL fragments each in a statement of its own, to prepare (never run) before
     anything is written, so that a problem is reported against the right job-file field."""
-    return {
-        "set": f"UPDATE {t.relation} SET {set_}\nWHERE false",
-        "where": f"SELECT FROM {t.relation} WHERE ({where}\n)",
-    }
-
-
-def dry_batch(t: Target, *, set_: str, where: str, first: bool) -> str:
-    """The batch's UPDATE alone, for EXPLAIN in ``plan`` (same parameters, $4/$5 unused)."""
-    return f"""
-WITH backfill_last AS ({_next_slice(t, first=first)}
-)
-UPDATE {t.relation} SET {set_}
-WHERE {_after(t, first=first)} AND {_upto_last(t)} AND ({where})
-  AND $4::text IS NOT NULL AND $5::int IS NOT NULL"""
-
-
-def count_slice(t: Target, *, where: str, first: bool) -> str:
-    """Rows still matching ``where`` in one slice, and the slice's last key (for ``verify``)."""
-    return f"""
-WITH backfill_last AS ({_next_slice(t, first=first)}
-)
-SELECT (SELECT {t.as_text()} FROM backfill_last) AS cursor,
-       (SELECT count(*) FROM {t.relation}
-        WHERE {_after(t, first=first)} AND {_upto_last(t)} AND ({where})) AS rows"""
-
-
-def key_of_next_row(t: Target, *, first: bool) -> str:
-    """The key of the single row after $1 (used to name a poison row)."""
-    return (
-        f"SELECT {t.as_text()} FROM {t.relation} WHERE {_after(t, first=first)} "
-        f"AND {t.row()} <= {t.param_row(2)} ORDER BY {t.order()} LIMIT 1"
-    )
+    checks = {"where": f"SELECT FROM {t.relation} WHERE ({change.where}\n)"}
+    if change.kind == UPDATE:
+        checks["set"] = f"UPDATE {t.relation} SET {change.set_}\nWHERE false"
+    for column, expression in values.items():
+        checks[f"copy.values.{column}"] = f"SELECT ({expression}\n) FROM {t.relation} WHERE false"
+    return checks

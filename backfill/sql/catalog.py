@@ -26,7 +26,37 @@ LIMIT 1
 """
 PRIVILEGES = """
 SELECT has_any_column_privilege($1::oid, 'UPDATE') AS can_update,
-       has_any_column_privilege($1::oid, 'SELECT') AS can_select, current_user::text AS role
+       has_any_column_privilege($1::oid, 'SELECT') AS can_select,
+       has_table_privilege($1::oid, 'INSERT') AS can_insert,
+       has_table_privilege($1::oid, 'DELETE') AS can_delete, current_user::text AS role
+"""
+# Every column of a table, in order: what a copy or an archive may write.
+ALL_COLUMNS = """
+SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type,
+       a.atttypid::int8 AS type_oid, a.attgenerated <> '' AS generated,
+       a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AS needs_value
+FROM pg_attribute a
+WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum
+"""
+# Whether a value of type $1 is assigned to a column of type $2 without a possible loss: the
+# same type, or an implicit cast (a widening such as integer to bigint).
+WIDENS = """
+SELECT $1::oid = $2::oid OR EXISTS (
+    SELECT FROM pg_cast WHERE castsource = $1::oid AND casttarget = $2::oid AND castcontext = 'i')
+"""
+# Foreign keys that reference table $1 with no index leading with their columns on the
+# referencing side: each deleted row makes the server scan the referencing table.
+UNINDEXED_REFERENCES = """
+SELECT c.conname::text AS name, c.conrelid::regclass::text AS referencing,
+       (SELECT string_agg(a.attname, ', ' ORDER BY k.i)
+        FROM unnest(c.conkey) WITH ORDINALITY k(n, i)
+        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n) AS columns
+FROM pg_constraint c
+WHERE c.contype = 'f' AND c.confrelid = $1::oid AND NOT EXISTS (
+    SELECT FROM pg_index i WHERE i.indrelid = c.conrelid AND i.indpred IS NULL
+      AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(c.conkey)] @> c.conkey
+      AND cardinality(c.conkey) <= i.indnkeyatts)
+ORDER BY 2, 1
 """
 
 
@@ -74,3 +104,7 @@ SELECT count(*) FILTER (WHERE $2::text[] IS NULL OR ({row} >= {lo} AND {row} <= 
            AS done,
        count(DISTINCT (tableoid, (ctid::text::point)[0])) AS pages
 FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4)"""
+
+ATTNUM = """
+SELECT attnum::int FROM pg_attribute WHERE attrelid = $1::oid AND attname = $2 AND NOT attisdropped
+"""

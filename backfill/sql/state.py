@@ -1,11 +1,27 @@
-"""The state schema (checkpoints, runs, controls, canaries) and the statements that keep it."""
+"""The state schema (checkpoints, runs, controls, canaries), its migrations, and the statements
+that keep it."""
 
 from __future__ import annotations
 
-from backfill.sql.text import SCHEMA
+from dataclasses import dataclass
 
-INIT = f"""
-CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+from backfill.sql.text import SCHEMA, literal
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One numbered change of the state schema. ``backfill init`` applies those whose number
+    is above the highest in ``backfill.schema_version``, each with its row there, in one
+    transaction. Each is written to apply cleanly to any install it may find (``IF NOT
+    EXISTS``): the first one brings an install from before versions up to date whatever it had.
+    """
+
+    version: int
+    description: str
+    sql: str
+
+
+_BASELINE = f"""
 CREATE TABLE IF NOT EXISTS {SCHEMA}.checkpoints (
     job          text        NOT NULL,
     shard        integer     NOT NULL DEFAULT 0,
@@ -79,21 +95,50 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.canaries (
 );
 """
 
-STATE_EXISTS = f"SELECT to_regclass('{SCHEMA}.checkpoints') IS NOT NULL"
-# Everything a later version added to INIT is there (else `backfill init` upgrades it).
-STATE_CURRENT = f"""
-SELECT to_regclass('{SCHEMA}.controls') IS NOT NULL
-   AND to_regclass('{SCHEMA}.canaries') IS NOT NULL
-   AND (SELECT count(*) FROM pg_attribute WHERE attrelid = '{SCHEMA}.checkpoints'::regclass
-        AND attname IN ('settings', 'recent', 'dense') AND NOT attisdropped) = 3
+MIGRATIONS = (
+    Migration(1, "checkpoints, runs, controls, canaries: the schema before versions", _BASELINE),
+    Migration(
+        2,
+        "checkpoints.shape: what the job's batches do (update, copy, delete, archive)",
+        f"ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS shape text NOT NULL "
+        "DEFAULT 'update'",
+    ),
+)
+LATEST = MIGRATIONS[-1].version
+
+# The schema and its version table, before any migration (idempotent).
+VERSIONED = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_version (
+    version     integer     PRIMARY KEY,
+    description text        NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
 """
+# Serialises concurrent `backfill init`s (a transaction-level advisory lock).
+LOCK_MIGRATING = "SELECT pg_advisory_xact_lock(hashtext('backfill:schema'))"
+# The highest migration applied (0 for none, or an install from before versions).
+SCHEMA_VERSION = f"SELECT coalesce(max(version), 0) FROM {SCHEMA}.schema_version"
+APPLIED = f"INSERT INTO {SCHEMA}.schema_version (version, description) VALUES ($1, $2)"
+# Every migration as one script, for a fresh database (tests, benchmarks).
+INIT = ";\n".join(
+    [VERSIONED]
+    + [m.sql for m in MIGRATIONS]
+    + [
+        f"INSERT INTO {SCHEMA}.schema_version (version, description) "
+        f"VALUES ({m.version}, {literal(m.description)}) ON CONFLICT DO NOTHING"
+        for m in MIGRATIONS
+    ]
+)
+
+STATE_EXISTS = f"SELECT to_regclass('{SCHEMA}.checkpoints') IS NOT NULL"
+VERSIONS_EXIST = f"SELECT to_regclass('{SCHEMA}.schema_version') IS NOT NULL"
 
 # An advisory lock per (job, shard); session-level, so it dies with the runner's connection.
 TRY_LOCK = """
 SELECT pg_try_advisory_lock(hashtext('backfill:' || $1), $2) AS locked, pg_backend_pid() AS pid
 """
 BACKEND_PID = "SELECT pg_backend_pid()"
-UNLOCK = "SELECT pg_advisory_unlock(hashtext('backfill:' || $1), $2)"
 LOCK_HOLDER = """
 SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.backend_start
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -114,9 +159,9 @@ SELECT * FROM {SCHEMA}.checkpoints WHERE $1::text IS NULL OR job = $1 ORDER BY j
 """
 CREATE = f"""
 INSERT INTO {SCHEMA}.checkpoints
-    (job, shard, shards, fingerprint, target, state, range_lo, range_hi, cursor, control)
+    (job, shard, shards, fingerprint, target, state, range_lo, range_hi, cursor, control, shape)
 VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8,
-        coalesce((SELECT control FROM {SCHEMA}.controls WHERE job = $1), '{{}}'))
+        coalesce((SELECT control FROM {SCHEMA}.controls WHERE job = $1), '{{}}'), $9)
 ON CONFLICT DO NOTHING
 """
 START = f"""
