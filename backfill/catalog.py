@@ -103,12 +103,7 @@ async def change(conn: asyncpg.Connection, job: Job, target: Target) -> Change:
                 f"delete.archive: column {name} ({column['sql_type']}) of {job.table.display}: "
                 f"{archive.display} {has}"
             )
-    for name, column in into.items():
-        if name not in source and column["needs_value"]:
-            raise ConfigError(
-                f"delete.archive: column {name} of {archive.display} is NOT NULL without a "
-                "default (give it one, e.g. DEFAULT now())"
-            )
+    _defaults(into, set(source), "delete.archive", archive.display)
     await _require(conn, rel["oid"], archive.display, ("insert",))
     columns = tuple((n, ident(n)) for n in source if not into[n]["generated"])
     return Change(sql.ARCHIVE, job.where, into=_quoted(archive), columns=columns)
@@ -141,20 +136,36 @@ async def _copy(conn: asyncpg.Connection, job: Job, copy: Copy, target: Target) 
                 f"but {theirs['sql_type']} in {into} (use [copy.values] to convert it)"
             )
     written = set(names) | set(copy.values)
+    _defaults(there, written, "copy.into", into)
     for key in target.key:
         if key.name not in written:
             raise ConfigError(f"copy.columns: the key column {key.name} is not copied to {into}")
-    attnums = [await conn.fetchval(sql.ATTNUM, rel["oid"], k.name) for k in target.key]
-    if await conn.fetchval(sql.UNIQUE_INDEX, rel["oid"], attnums) is None:
+    # The conflict target: a unique index on the key columns, or on them and other copied
+    # columns (a partitioned target's primary key includes its partition key).
+    keys = {k.name for k in target.key}
+    unique = [tuple(r["columns"]) for r in await conn.fetch(sql.UNIQUE_INDEXES, rel["oid"])]
+    fits = [u for u in unique if keys <= set(u) <= written]
+    if not fits:
         raise ConfigError(
             f"copy.into: ({target.columns()}) is not unique in {into}: ON CONFLICT needs a "
-            "primary key or a unique btree index on exactly these columns, in this order"
+            "primary key or a unique index on these columns (and, at most, other copied ones)"
         )
     rights = ("insert", "select", "update") if copy.on_conflict == "update" else ("insert",)
     await _require(conn, rel["oid"], into, rights)
     columns = tuple((n, ident(n)) for n in names) + tuple(copy.values.items())
     return Change(sql.COPY, job.where, into=_quoted(copy.into), columns=columns,
-                  on_conflict=copy.on_conflict)
+                  on_conflict=copy.on_conflict, conflict=fits[0])
+
+
+def _defaults(columns: dict[str, asyncpg.Record], written: set[str], field: str,
+              table: str) -> None:
+    """Every column not written must take a default (or NULL)."""
+    for name, column in columns.items():
+        if name not in written and column["needs_value"]:
+            raise ConfigError(
+                f"{field}: column {name} of {table} is NOT NULL without a default and is not "
+                "written (give it a default, e.g. DEFAULT now())"
+            )
 
 
 async def _columns(conn: asyncpg.Connection, target: Target) -> dict[str, asyncpg.Record]:

@@ -40,7 +40,7 @@ class Checkpoint:
     range_lo: Key | None
     range_hi: Key | None
     cursor: Key | None
-    rows_updated: int = 0
+    rows_updated: int = 0  # the rows the batches changed: updated, copied or deleted (``shape``)
     rows_skipped: int = 0
     batches: int = 0
     skipped_keys: tuple[Key, ...] = ()
@@ -51,6 +51,7 @@ class Checkpoint:
     started_at: datetime | None = None
     updated_at: datetime | None = None
     finished_at: datetime | None = None
+    shape: str = "update"  # what the job's batches do: update, copy, delete, archive
 
     @property
     def empty(self) -> bool:
@@ -100,4 +101,5 @@ def to_checkpoint(row: Row) -> Checkpoint:
         started_at=row["started_at"],
         updated_at=row["updated_at"],
         finished_at=row["finished_at"],
+        shape=row["shape"],
     )

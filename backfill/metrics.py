@@ -66,6 +66,7 @@ class RunMetrics:
         job: str,
         table: str,
         shard: int = 0,
+        shape: str = "update",
         tracker: Tracker | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -84,7 +85,9 @@ class RunMetrics:
         labels = ["job", "shard"]
         r = self.registry = CollectorRegistry()
         self.rows_updated = Counter(
-            "backfill_rows_updated", "Rows the batches' UPDATEs reported.", labels, registry=r
+            "backfill_rows_updated",
+            "Rows the batches reported changed: updated, copied or deleted (see backfill_info's "
+            "shape).", labels, registry=r
         )
         self.rows_skipped = Counter(
             "backfill_rows_skipped", "Rows skipped because the SET fails on them.", labels,
@@ -133,7 +136,7 @@ class RunMetrics:
             [*labels, "state"], registry=r,
         )
         self.info = Info(
-            "backfill", "The job's table and the runner's version.", labels, registry=r
+            "backfill", "The job's table, its shape and the runner's version.", labels, registry=r
         )
         # The impact budget (``[throttle] max_impact``); NaN while it is off or has not judged.
         impact = {
@@ -162,7 +165,9 @@ class RunMetrics:
         self.served.register(self.success)
 
         ids = (job, self.shard)
-        self.info.labels(*ids).info({"table": table, "version": __version__})
+        # The shape is on the info metric, not a label of the counters: every series keeps
+        # its name and labels (dashboards, alerts); a panel that wants it joins on job, shard.
+        self.info.labels(*ids).info({"table": table, "shape": shape, "version": __version__})
         for outcome in OUTCOMES:
             self.batches.labels(*ids, outcome)
         for reason in ERROR_REASONS:

@@ -127,6 +127,7 @@ class LogLines:
     job: str
     progress: Progress
     every: float = 30.0
+    shape: str = "update"  # what the batches do, on the lines that count rows
     clock: Callable[[], float] = time.monotonic
     _last_state: str = ""
     _next_report: float = 0.0
@@ -136,7 +137,8 @@ class LogLines:
         self._next_report = self.clock() + self.every
         log.info(
             "run started",
-            extra={"job": self.job, "state": checkpoint.state, "cursor": checkpoint.cursor,
+            extra={"job": self.job, "shape": self.shape, "state": checkpoint.state,
+                   "cursor": checkpoint.cursor,
                    "rows": checkpoint.rows_updated, "range_lo": checkpoint.range_lo,
                    "range_hi": checkpoint.range_hi},
         )
@@ -144,7 +146,8 @@ class LogLines:
     def _report(self) -> None:
         if self.clock() >= self._next_report:
             self._next_report = self.clock() + self.every
-            log.info("progress", extra={"job": self.job, **summary(self.progress)})
+            log.info("progress", extra={"job": self.job, "shape": self.shape,
+                                        **summary(self.progress)})
 
     def committed(self, result: BatchResult) -> None:
         if self._throttle:
@@ -178,4 +181,5 @@ class LogLines:
     def state(self, state: str) -> None:
         if state != self._last_state and state not in ("throttled",):
             self._last_state = state
-            log.info("state", extra={"job": self.job, "state": state, **summary(self.progress)})
+            log.info("state", extra={"job": self.job, "shape": self.shape, "state": state,
+                                     **summary(self.progress)})

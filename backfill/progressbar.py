@@ -113,6 +113,7 @@ class ProgressBar:
     watched: Watched
     label: str
     clock: Callable[[], float] = time.monotonic
+    done: str = ""  # what the rows became ("copied", "deleted"), shown after their count
     current: str = ""  # the run's state
     reason: str = ""  # of the latest wait the loop reported
     holding_since: float | None = None  # a wait under way started then
@@ -148,7 +149,7 @@ class ProgressBar:
         rate = s["rows_per_second"]
         shown = {
             "percent": "?" if percent is None else f"{percent:.1f}%",
-            "rows": f"{s['rows']:,} rows",
+            "rows": f"{s['rows']:,} rows" + (f" {self.done}" if self.done else ""),
             "rate": f"{rate:,.0f} rows/s" if isinstance(rate, float) else "",
             # Paused by an operator: when it ends is theirs to say.
             "eta": "ETA " + ("?" if self.current == PAUSED else human_seconds(

@@ -77,7 +77,7 @@ class PgSession:
         return self._checkpoint
 
     def _batch(self, *, first: bool) -> str:
-        return sql.batch_statement(self.target, self.change, first=first)
+        return sql.batch(self.target, self.change, first=first)
 
     async def prepare(self) -> None:
         """Prepare the batch statements: validates the job's SQL before any write."""

@@ -24,6 +24,7 @@ from backfill.checkpoint import FAILED, PAUSED, RUNNING, SUCCEEDED, THROTTLED, s
 from backfill.commands import Rate, Status
 from backfill.errors import BackfillError, ConfigError
 from backfill.impact import describe
+from backfill.job import DONE_WORDS
 from backfill.progress import fraction, human_seconds
 from backfill.settings import ConnectParams
 
@@ -128,11 +129,12 @@ def view(st: Status, name: str | None) -> RenderableType:
     for job_name, overrides in st.pending.items():
         lines.append(f"{job_name}: not started yet; its first run starts with:")
         lines += _live_lines(job_name, {}, overrides, every=False)
+    last = {e["job"]: e for e in jobs}
     for job_name, t in totals(jobs).items():
         if t["shards"] > 1:
             lines.append(
                 f"{job_name} total: {t['succeeded']}/{t['shards']} shards succeeded, "
-                f"rows {t['rows_updated']:,}, batches {t['batches']:,}"
+                f"rows {t['rows_updated']:,}{_done(last[job_name])}, batches {t['batches']:,}"
             )
     if not jobs and not st.pending:
         lines.append("no jobs yet: `backfill run JOBFILE` starts one")
@@ -198,7 +200,7 @@ def _table(jobs: list[dict[str, Any]]) -> Table:
             f"{e['shard']}/{e['shards']}" if e["shards"] > 1 else "-",
             Text(e["state"], style=_STYLES.get(e["state"], "")),
             done,
-            f"{e['rows_updated']:,}",
+            f"{e['rows_updated']:,}" + _done(e),
             f"{e['batches']:,}",
             rate,
             eta,
@@ -206,6 +208,11 @@ def _table(jobs: list[dict[str, Any]]) -> Table:
             "" if age is None else f"{human_seconds(age)} ago",
         )
     return table
+
+
+def _done(e: dict[str, Any]) -> str:
+    """What the rows became, but for an update (the column's plain meaning)."""
+    return "" if e.get("shape", "update") == "update" else f" {DONE_WORDS[e['shape']]}"
 
 
 def _runs(history: list[dict[str, Any]]) -> Table:

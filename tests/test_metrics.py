@@ -87,7 +87,8 @@ def test_counts_what_happened() -> None:
     assert value(m, "backfill_eta_seconds") == pytest.approx(0.701 / (0.299 / 3))
     assert value(m, "backfill_rows_remaining_estimate") == pytest.approx(276 / 0.299 * 0.701)
     assert value(m, "backfill_state", state="running") == 1
-    assert value(m, "backfill_info", table="public.users", version=__version__) == 1
+    assert value(m, "backfill_info", table="public.users", shape="update",
+                 version=__version__) == 1
     # Every known label value exists from the start (complete families, rate() from zero).
     outcomes = {dict(ls)["outcome"] for n, ls in samples(m) if n == "backfill_batches_total"}
     assert outcomes == set(OUTCOMES)
@@ -107,7 +108,8 @@ def test_labels_never_carry_keys() -> None:
     text = generate_latest(m.served).decode()
     assert "a-secret-key" not in text
     names = {ln for _, labels in samples(m) for ln, _ in labels}
-    assert names <= {"job", "shard", "outcome", "reason", "state", "le", "table", "version"}
+    assert names <= {"job", "shard", "outcome", "reason", "state", "le", "table", "shape",
+                     "version"}
 
 
 def test_retried_and_failed_attempts() -> None:

@@ -74,3 +74,20 @@ def test_only_the_edge_imports_asyncpg() -> None:
         modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not any(m.split(".")[0] == "asyncpg" for m in modules), name
+
+
+def test_every_static_statement_says_what_it_does() -> None:
+    """Each named statement in backfill/sql has a one-line description (a comment) above it,
+    like the named queries of procrastinate's sql folder."""
+    missing = []
+    for path in sorted((PACKAGE / "sql").glob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.parse(path.read_text()).body:
+            if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)):
+                continue
+            name = node.targets[0].id
+            sql = isinstance(node.value, ast.Constant | ast.JoinedStr)
+            if name.lstrip("_").isupper() and sql and name != "SCHEMA":
+                if not lines[node.lineno - 2].lstrip().startswith("#"):
+                    missing.append(f"{path.name}:{node.lineno} {name}")
+    assert not missing, missing

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import asyncpg
 
 from backfill import catalog, sql
-from backfill.checkpoint import Checkpoint, to_checkpoint
+from backfill.checkpoint import to_checkpoint
 from backfill.commands._common import guard
 from backfill.connector import check_fragments, open_connection
+from backfill.errors import ConfigError
 from backfill.job import Job
 from backfill.settings import ConnectParams
 
@@ -54,28 +55,31 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
     target = await catalog.resolve(conn, job)
     change = await catalog.change(conn, job, target)
     await check_fragments(conn, job, target, change)
-    ckpt: Checkpoint | None = None
-    state = await conn.fetchval(sql.STATE_EXISTS)
-    if state:
-        row = await conn.fetchrow(sql.LOAD, job.name, 0)
-        ckpt = to_checkpoint(row) if row is not None else None
-    if ckpt is not None:
-        lo, hi, cursor = ckpt.range_lo, ckpt.range_hi, ckpt.cursor
-    else:
-        lo_v = await conn.fetchval(sql.lowest(target))
-        hi_v = await conn.fetchval(sql.highest(target))
-        lo = tuple(lo_v) if lo_v else None
-        hi = tuple(hi_v) if hi_v else None
-        cursor = None
-    statement = sql.batch_statement(target, change, first=cursor is None)
     rows_in_table = await catalog.estimated_rows(conn, job)
     explain_text, batch_seconds, matching = "(empty key range: nothing to do)", 0.0, 0
-    if lo is not None:
-        tx = conn.transaction()
-        await tx.start()
-        try:
-            if not state:
+    # All in one transaction, rolled back: the checkpoint row is locked first, so a running
+    # job's batches wait for this one instead of moving its cursor meanwhile.
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        if not await conn.fetchval(sql.STATE_EXISTS):
+            try:
                 await conn.execute(sql.INIT)
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise ConfigError(
+                    "plan runs one batch (rolled back) with its checkpoint: the state schema "
+                    "'backfill' does not exist: run `backfill init` first"
+                ) from exc
+        row = await conn.fetchrow(sql.LOAD_LOCKED, job.name, 0)
+        ckpt = to_checkpoint(row) if row is not None else None
+        if ckpt is not None:
+            lo, hi, cursor = ckpt.range_lo, ckpt.range_hi, ckpt.cursor
+        else:
+            lo_v = await conn.fetchval(sql.lowest(target))
+            hi_v = await conn.fetchval(sql.highest(target))
+            lo, hi, cursor = (tuple(lo_v) if lo_v else None), (tuple(hi_v) if hi_v else None), None
+        statement = sql.batch(target, change, first=cursor is None)
+        if lo is not None:
             if ckpt is None:
                 await conn.execute(
                     sql.CREATE, job.name, 0, 1, job.fingerprint, job.table.display, list(lo),
@@ -87,8 +91,9 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
                 sql.explain(statement, analyze=True), job.batch.size, version, job.name, 0, True
             )
             batch_seconds = time.perf_counter() - t0
-        finally:
-            await tx.rollback()
+    finally:
+        await tx.rollback()
+    if lo is not None:
         explain_text = "\n".join(r[0] for r in rows)
         count_plan = await conn.fetchval(
             f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {target.relation} WHERE ({job.where})"

@@ -19,7 +19,7 @@ from backfill.errors import BackfillError, Interrupted, RowError
 from backfill.estimate import FirstStart, estimate_progress
 from backfill.export import Exporter
 from backfill.gates import PgProbe
-from backfill.job import Job
+from backfill.job import DONE_WORDS, Job
 from backfill.loop import Loop, Policy
 from backfill.metrics import RunMetrics
 from backfill.observers import Fanout, LogLines, Progress
@@ -55,11 +55,12 @@ def default_observers(
     """Progress for people: a live bar on a terminal, else JSON log lines."""
     progress = Progress(tracker)
     if not stream.isatty():
-        return [progress, LogLines(job.name, progress, every=log_every)]
+        return [progress, LogLines(job.name, progress, every=log_every, shape=job.shape)]
     from backfill.progressbar import ProgressBar  # rich, only on a terminal
 
     label = job.name + (f" [{shard}]" if shard.count > 1 else "")
-    return [progress, ProgressBar(stream, progress, label)]
+    done = "" if job.shape == "update" else DONE_WORDS[job.shape]
+    return [progress, ProgressBar(stream, progress, label, done=done)]
 
 
 async def run(
@@ -88,7 +89,8 @@ async def run(
         trackers.append(tracker)
     exporter: Exporter | None = None
     if telemetry is not None:
-        metrics = RunMetrics(job=job.name, table=job.table.display, shard=shard.index)
+        metrics = RunMetrics(job=job.name, table=job.table.display, shard=shard.index,
+                             shape=job.shape)
         exporter = Exporter(metrics, telemetry)
         observers = [*observers, metrics]
         trackers.append(metrics.tracker)

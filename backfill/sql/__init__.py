@@ -23,9 +23,6 @@ from backfill.sql.batch import (
     batch as batch,
 )
 from backfill.sql.batch import (
-    batch_statement as batch_statement,
-)
-from backfill.sql.batch import (
     claimed_slice as claimed_slice,
 )
 from backfill.sql.batch import (
@@ -42,9 +39,6 @@ from backfill.sql.batch import (
 )
 from backfill.sql.catalog import (
     ALL_COLUMNS as ALL_COLUMNS,
-)
-from backfill.sql.catalog import (
-    ATTNUM as ATTNUM,
 )
 from backfill.sql.catalog import (
     COLUMNS as COLUMNS,
@@ -66,6 +60,9 @@ from backfill.sql.catalog import (
 )
 from backfill.sql.catalog import (
     UNIQUE_INDEX as UNIQUE_INDEX,
+)
+from backfill.sql.catalog import (
+    UNIQUE_INDEXES as UNIQUE_INDEXES,
 )
 from backfill.sql.catalog import (
     WIDENS as WIDENS,
@@ -210,6 +207,9 @@ from backfill.sql.state import (
 )
 from backfill.sql.state import (
     LOAD_ALL as LOAD_ALL,
+)
+from backfill.sql.state import (
+    LOAD_LOCKED as LOAD_LOCKED,
 )
 from backfill.sql.state import (
     LOCK_CREATING as LOCK_CREATING,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from backfill.sql.shapes import UPDATE, Change
 from backfill.sql.slices import Slice, param_slice
 from backfill.sql.target import Target
-from backfill.sql.text import SCHEMA, literal
+from backfill.sql.text import SCHEMA, ident, literal
 
 # A batch whose claim matched nothing fails with this in its message (a cast error, the one way
 # plain SQL can raise; the sub-select keeps the planner from folding it early): so the rest of
@@ -52,11 +52,11 @@ def _claim(t: Target, *, first: bool) -> str:
       AND cursor IS {"" if first else "NOT "}NULL FOR UPDATE"""
 
 
-def batch(t: Target, change: str, *, first: bool) -> str:
+def batch(t: Target, change: Change, *, first: bool) -> str:
     """One batch as one statement: claim, slice, change, checkpoint, in one transaction.
 
-    ``change`` is the shape's CTEs (``backfill.sql.shapes``), written over ``claimed_slice``:
-    it ends in ``backfill_changed``, a row per row changed.
+    ``change`` is the shape (``backfill.sql.shapes``); its CTEs, written over
+    ``claimed_slice``, end in ``backfill_changed``, a row per row changed.
 
     The batch takes its start from the checkpoint row itself, which it claims ``FOR UPDATE``
     only while the row's version (``batches``, which every batch and skip moves with the
@@ -80,7 +80,7 @@ def batch(t: Target, change: str, *, first: bool) -> str:
     return f"""
 WITH backfill_from AS ({_claim(t, first=first)}
 ), backfill_last AS ({s.last()}
-), {change.strip()}, backfill_count AS (
+), {change.cte(t, s)}, backfill_count AS (
     SELECT count(*) AS n FROM backfill_changed
 ), backfill_saved AS (
     UPDATE {SCHEMA}.checkpoints
@@ -131,11 +131,6 @@ FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2
 """
 
 
-def batch_statement(t: Target, change: Change, *, first: bool) -> str:
-    """The batch statement of a resolved shape (see ``batch``)."""
-    return batch(t, change.cte(t, claimed_slice(t, first=first)), first=first)
-
-
 def count_slice(t: Target, change: Change, *, first: bool) -> str:
     """The rows of one slice still to do (``Change.left``), and the slice's last key (for
     ``verify``; parameters as ``param_slice``)."""
@@ -152,6 +147,9 @@ def fragment_checks(t: Target, change: Change, values: dict[str, str]) -> dict[s
     checks = {"where": f"SELECT FROM {t.relation} WHERE ({change.where}\n)"}
     if change.kind == UPDATE:
         checks["set"] = f"UPDATE {t.relation} SET {change.set_}\nWHERE false"
-    for column, expression in values.items():
-        checks[f"copy.values.{column}"] = f"SELECT ({expression}\n) FROM {t.relation} WHERE false"
+    for column, expression in values.items():  # as the target's column takes it
+        checks[f"copy.values.{column}"] = (
+            f"INSERT INTO {change.into} ({ident(column)})\n"
+            f"SELECT ({expression}\n) FROM {t.relation} WHERE false"
+        )
     return checks

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from backfill.sql.target import Target
 
+# A table's oid and kind, by schema and name.
 RELATION = """
 SELECT c.oid::int8 AS oid, c.relkind::text AS relkind
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = $2
 """
+# The named columns of a table: type as printed, type name, NOT NULL, number.
 COLUMNS = """
 SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type,
        t.typname::text AS type_name, a.attnotnull AS not_null, a.attnum::int AS attnum
@@ -24,6 +26,7 @@ WHERE i.indrelid = $1::oid AND i.indisunique AND i.indisvalid AND i.indpred IS N
   AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality($2::int2[])] = $2::int2[]
 LIMIT 1
 """
+# What the current role may do on a table (any column for SELECT and UPDATE).
 PRIVILEGES = """
 SELECT has_any_column_privilege($1::oid, 'UPDATE') AS can_update,
        has_any_column_privilege($1::oid, 'SELECT') AS can_select,
@@ -47,7 +50,9 @@ SELECT $1::oid = $2::oid OR EXISTS (
 # Foreign keys that reference table $1 with no index leading with their columns on the
 # referencing side: each deleted row makes the server scan the referencing table.
 UNINDEXED_REFERENCES = """
-SELECT c.conname::text AS name, c.conrelid::regclass::text AS referencing,
+SELECT c.conname::text AS name,
+       (SELECT n.nspname || '.' || r.relname FROM pg_class r
+        JOIN pg_namespace n ON n.oid = r.relnamespace WHERE r.oid = c.conrelid) AS referencing,
        (SELECT string_agg(a.attname, ', ' ORDER BY k.i)
         FROM unnest(c.conkey) WITH ORDINALITY k(n, i)
         JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n) AS columns
@@ -83,6 +88,7 @@ WHERE rn IN (SELECT 1 + (s.n * i) / $4::int FROM generate_series(1, $4::int - 1)
 ORDER BY rn"""
 
 
+# The planner's row estimate of a table (0 before its first ANALYZE).
 ESTIMATED_ROWS = "SELECT greatest(reltuples, 0)::int8 FROM pg_class WHERE oid = $1::oid"
 
 # Pages of a table (all partitions of a partitioned one), to size a page sample.
@@ -105,6 +111,16 @@ SELECT count(*) FILTER (WHERE $2::text[] IS NULL OR ({row} >= {lo} AND {row} <= 
        count(DISTINCT (tableoid, (ctid::text::point)[0])) AS pages
 FROM {t.relation} TABLESAMPLE SYSTEM ($1::float4)"""
 
-ATTNUM = """
-SELECT attnum::int FROM pg_attribute WHERE attrelid = $1::oid AND attname = $2 AND NOT attisdropped
+# The columns of each valid, non-partial unique btree index of a table: the one on the fewest
+# columns first, a primary key before others.
+UNIQUE_INDEXES = """
+SELECT array_agg(a.attname::text ORDER BY k.i) AS columns
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+CROSS JOIN LATERAL unnest(string_to_array(i.indkey::text, ' ')::int2[]) WITH ORDINALITY k(n, i)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n
+WHERE i.indrelid = $1::oid AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+  AND i.indexprs IS NULL AND am.amname = 'btree' AND k.i <= i.indnkeyatts
+GROUP BY i.indexrelid, i.indisprimary
+ORDER BY count(*), i.indisprimary DESC, i.indexrelid
 """

@@ -7,6 +7,7 @@ from backfill.sql.text import SCHEMA
 
 # The probe connection: the shard's overrides while no batch runs, and its visible state.
 CONTROL = f"SELECT control FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2"
+# Show the shard's state (running, paused, throttled) while a run goes.
 SHOW_STATE = f"""
 UPDATE {SCHEMA}.checkpoints SET state = $3
 WHERE job = $1 AND shard = $2 AND state IN ('running', 'paused', 'throttled')
@@ -25,6 +26,7 @@ FROM pg_replication_slots WHERE slot_type = 'logical' AND restart_lsn IS NOT NUL
 # The canary: a tiny read and a tiny committed write of the shard's own row, which also keeps
 # what the impact budget measured last (NULLs until it has), for `status`.
 CANARY_READ = f"SELECT beats FROM {SCHEMA}.canaries WHERE job = $1 AND shard = $2"
+# The canary's committed write, keeping what the impact budget measured.
 CANARY_WRITE = f"""
 INSERT INTO {SCHEMA}.canaries AS c
     (job, shard, beats, ratio, budget, duty, current_s, baseline_s, deciding)
@@ -33,6 +35,7 @@ ON CONFLICT (job, shard) DO UPDATE
 SET beats = c.beats + 1, ratio = $3, budget = $4, duty = $5, current_s = $6, baseline_s = $7,
     deciding = $8, at = now()
 """
+# Each shard's canary row: what the impact budget measured last (for `status`).
 CANARIES = f"""
 SELECT * FROM {SCHEMA}.canaries WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard
 """
@@ -51,6 +54,7 @@ WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
 # (PostgreSQL 14+ columns), but the runner's own ($1) and the rows of roles this one may not
 # see (their queryid is NULL: `hidden` counts them).
 STATEMENTS_INSTALLED = "SELECT to_regprocedure('pg_stat_statements(boolean)') IS NOT NULL"
+# The application's statements, from pg_stat_statements.
 STATEMENTS = """
 SELECT queryid, sum(calls)::int8 AS calls, sum(total_exec_time)::float8 AS ms,
        sum(calls * (stddev_exec_time ^ 2 + mean_exec_time ^ 2))::float8 AS squares,
@@ -59,6 +63,7 @@ FROM pg_stat_statements(false)
 WHERE toplevel AND (queryid IS NULL OR queryid <> ALL($1::int8[]))
 GROUP BY queryid
 """
+# The runner's own statements in pg_stat_statements (left out of the app's).
 OWN_STATEMENTS = """
 SELECT DISTINCT queryid FROM pg_stat_statements(true)
 WHERE queryid IS NOT NULL AND query ~ '(backfill[._]|pg_stat_statements|pg_stat_activity)'

@@ -27,6 +27,7 @@ class Change:
     into: str = ""
     columns: tuple[tuple[str, str], ...] = ()
     on_conflict: str = "nothing"
+    conflict: tuple[str, ...] = ()  # the target's unique columns ON CONFLICT names (copy)
 
     def cte(self, t: Target, s: Slice) -> str:
         """The CTEs that change the slice ``s``, ending in ``backfill_changed``."""
@@ -45,7 +46,7 @@ class Change:
     SELECT {self._sources()} FROM {t.relation}
     WHERE {rows}
     ORDER BY {t.order()} FOR SHARE
-    ON CONFLICT ({t.columns()}) {self._on_conflict(t)}
+    ON CONFLICT ({", ".join(ident(c) for c in self.conflict)}) {self._on_conflict()}
     RETURNING 1
 )"""
         if self.kind == DELETE:
@@ -71,12 +72,8 @@ class Change:
             expr if expr == ident(c) else f"({expr}) AS {ident(c)}" for c, expr in self.columns
         )
 
-    def _others(self, t: Target) -> list[str]:
-        keys = {k.name for k in t.key}
-        return [ident(c) for c, _ in self.columns if c not in keys]
-
-    def _on_conflict(self, t: Target) -> str:
-        others = self._others(t)
+    def _on_conflict(self) -> str:
+        others = [ident(c) for c, _ in self.columns if c not in self.conflict]
         if self.on_conflict != "update" or not others:
             return "DO NOTHING"
         # Only rows that differ are written: a no-op update would rewrite every row.

@@ -54,15 +54,15 @@ class Slice:
     first: bool
     claimed: bool = True
 
-    def lower(self, prefix: str = "") -> str:
-        return f"{self.t.row(prefix)} {'>=' if self.first else '>'} {self.start}"
+    def lower(self) -> str:
+        return f"{self.t.row()} {'>=' if self.first else '>'} {self.start}"
 
-    def keys(self, prefix: str = "") -> str:
+    def keys(self) -> str:
         """The rows of the slice: after its start, up to its last key (``backfill_last``)."""
         t = self.t
         ends = ", ".join(f"(SELECT {ident(k.name)} FROM backfill_last)" for k in t.key)
         upto = f"({ends})" if len(t.key) > 1 else ends
-        return f"{self.lower(prefix)} AND {t.row(prefix)} <= {upto}"
+        return f"{self.lower()} AND {t.row()} <= {upto}"
 
     def _dense(self) -> bool:
         return self.claimed and spannable(self.t)

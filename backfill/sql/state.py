@@ -21,6 +21,7 @@ class Migration:
     sql: str
 
 
+# The state schema as it stood before versions (migration 1).
 _BASELINE = f"""
 CREATE TABLE IF NOT EXISTS {SCHEMA}.checkpoints (
     job          text        NOT NULL,
@@ -119,6 +120,7 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_version (
 LOCK_MIGRATING = "SELECT pg_advisory_xact_lock(hashtext('backfill:schema'))"
 # The highest migration applied (0 for none, or an install from before versions).
 SCHEMA_VERSION = f"SELECT coalesce(max(version), 0) FROM {SCHEMA}.schema_version"
+# Record a migration as applied.
 APPLIED = f"INSERT INTO {SCHEMA}.schema_version (version, description) VALUES ($1, $2)"
 # Every migration as one script, for a fresh database (tests, benchmarks).
 INIT = ";\n".join(
@@ -131,14 +133,18 @@ INIT = ";\n".join(
     ]
 )
 
+# Whether the state schema exists (its checkpoints table).
 STATE_EXISTS = f"SELECT to_regclass('{SCHEMA}.checkpoints') IS NOT NULL"
+# Whether the state schema has its version table (an install from after versions).
 VERSIONS_EXIST = f"SELECT to_regclass('{SCHEMA}.schema_version') IS NOT NULL"
 
 # An advisory lock per (job, shard); session-level, so it dies with the runner's connection.
 TRY_LOCK = """
 SELECT pg_try_advisory_lock(hashtext('backfill:' || $1), $2) AS locked, pg_backend_pid() AS pid
 """
+# The backend serving this connection.
 BACKEND_PID = "SELECT pg_backend_pid()"
+# Who holds a job's lock: its backend, client and since when.
 LOCK_HOLDER = """
 SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.backend_start
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -146,17 +152,25 @@ WHERE l.locktype = 'advisory' AND l.granted
   AND l.classid = hashtext('backfill:' || $1)::oid AND l.objid = $2::oid
 """
 
+# A job's lock for this transaction: creating its checkpoints, changing its overrides.
 LOCK_CREATING = "SELECT pg_advisory_xact_lock(hashtext('backfill:' || $1), $2)"
+# How many shards a job's checkpoints were made for.
 SHARD_COUNT = f"SELECT max(shards) FROM {SCHEMA}.checkpoints WHERE job = $1"
+# A table's row and page estimates, by schema and name.
 TABLE_SIZE = """
 SELECT c.reltuples::float8, c.relpages::float8
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = $2
 """
+# One shard's checkpoint.
 LOAD = f"SELECT * FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2"
+# One shard's checkpoint, locked (``plan`` runs a batch on it, rolled back).
+LOAD_LOCKED = f"SELECT * FROM {SCHEMA}.checkpoints WHERE job = $1 AND shard = $2 FOR UPDATE"
+# Every checkpoint (of one job, or all), in job and shard order.
 LOAD_ALL = f"""
 SELECT * FROM {SCHEMA}.checkpoints WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard
 """
+# A new shard checkpoint, with its fixed range and any pending overrides.
 CREATE = f"""
 INSERT INTO {SCHEMA}.checkpoints
     (job, shard, shards, fingerprint, target, state, range_lo, range_hi, cursor, control, shape)
@@ -164,18 +178,21 @@ VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8,
         coalesce((SELECT control FROM {SCHEMA}.controls WHERE job = $1), '{{}}'), $9)
 ON CONFLICT DO NOTHING
 """
+# Mark a shard running under a holder (a succeeded one stays succeeded).
 START = f"""
 UPDATE {SCHEMA}.checkpoints
 SET state = CASE WHEN state = 'succeeded' THEN state ELSE 'running' END,
     holder = $3, error = NULL, started_at = coalesce(started_at, now()), updated_at = now()
 WHERE job = $1 AND shard = $2
 """
+# A shard's final state and error at the end of a run.
 FINISH = f"""
 UPDATE {SCHEMA}.checkpoints
 SET state = $3, error = $4, updated_at = now(),
     finished_at = CASE WHEN $3 = 'succeeded' THEN now() ELSE finished_at END
 WHERE job = $1 AND shard = $2
 """
+# Forget a job: its checkpoints and its pending overrides.
 RESET = f"""
 WITH forgotten AS (DELETE FROM {SCHEMA}.controls WHERE job = $1)
 DELETE FROM {SCHEMA}.checkpoints WHERE job = $1
@@ -190,6 +207,7 @@ SET outcome = 'killed', ended_at = c.updated_at,
 FROM {SCHEMA}.checkpoints c
 WHERE r.job = $1 AND r.shard = $2 AND r.outcome = 'running' AND c.job = r.job AND c.shard = r.shard
 """
+# A new row in the run history, from the checkpoint's counters.
 OPEN_RUN = f"""
 INSERT INTO {SCHEMA}.runs
     (job, shard, fingerprint, version, host, rows_at_start, batches_at_start, cursor_at_start)
@@ -199,6 +217,7 @@ RETURNING id
 """
 # A runner that reconnects keeps its run: one row per run, not per connection.
 RUN_OPEN = f"SELECT id FROM {SCHEMA}.runs WHERE id = $1 AND outcome = 'running'"
+# Close this process's run with its outcome and what it did.
 CLOSE_RUN = f"""
 UPDATE {SCHEMA}.runs r
 SET outcome = $2, ended_at = now(), error = $3,
@@ -206,6 +225,7 @@ SET outcome = $2, ended_at = now(), error = $3,
 FROM {SCHEMA}.checkpoints c
 WHERE r.id = $1 AND c.job = r.job AND c.shard = r.shard
 """
+# A job's latest runs, newest first.
 HISTORY = f"""
 SELECT * FROM {SCHEMA}.runs WHERE job = $1 ORDER BY id DESC LIMIT $2
 """
@@ -214,7 +234,9 @@ LATEST_RUNS = f"""
 SELECT DISTINCT ON (job, shard) * FROM {SCHEMA}.runs
 WHERE $1::text IS NULL OR job = $1 ORDER BY job, shard, id DESC
 """
+# The server's clock.
 NOW = "SELECT clock_timestamp()"
+# Move the cursor past a poison row, recording its key.
 SKIP = f"""
 UPDATE {SCHEMA}.checkpoints
 SET cursor = $3, rows_skipped = rows_skipped + 1, batches = batches + 1,
