@@ -39,8 +39,9 @@ class Change:
     RETURNING 1
 )"""
         if self.kind == COPY:
-            # FOR SHARE: an application update of a copied row waits for the batch, so that a
-            # sync trigger's write lands after the copy's, never before it (and lost).
+            # FOR SHARE: the copy takes each row's latest committed version (waiting for an
+            # application write in flight), and a write to a copied row waits for the batch to
+            # commit: a sync trigger's change is never overwritten by an older copy of the row.
             return f"""backfill_changed AS (
     INSERT INTO {self.into} AS backfill_target ({self._targets()}) OVERRIDING SYSTEM VALUE
     SELECT {self._sources()} FROM {t.relation}
