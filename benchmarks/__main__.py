@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio
 
-from benchmarks import report
+from benchmarks import report, report_shapes
 from benchmarks.options import ALIASES, SECTIONS, Options
 from benchmarks.suite import run_suite
 
@@ -70,13 +70,14 @@ def _sections(p: argparse.ArgumentParser, only: str) -> tuple[str, ...]:
     return tuple(s for s in SECTIONS if s in expanded)
 
 
-def paste(page: Path, table: str) -> bool:
+def paste(page: Path, table: str, markers: tuple[str, str] = (START, END)) -> bool:
+    start, end = markers
     text = page.read_text()
-    if START not in text or END not in text:
+    if start not in text or end not in text:
         return False
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    page.write_text(f"{head}{START}\n{table}{END}{tail}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    page.write_text(f"{head}{start}\n{table}{end}{tail}")
     return True
 
 
@@ -91,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = opts.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
     tmp.replace(opts.out)
-    print(table)
-    if readme and not paste(PAGE, table):
-        print(f"{PAGE} has no {START} ... {END} markers: not pasted", file=sys.stderr)
+    shapes = report_shapes.markdown(results)  # issue 17: under its own heading
+    print(table + shapes)
+    pastes = [(table, (START, END))] if set(opts.sections) - {"shapes"} else []
+    pastes += [(shapes, (report_shapes.START, report_shapes.END))] if shapes else []
+    for text, markers in pastes if readme else []:
+        if not paste(PAGE, text, markers):
+            print(f"{PAGE} has no {' ... '.join(markers)} markers: not pasted", file=sys.stderr)
     return 0
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("throughput", "effect", "growth", "fastpath", "step", "open-loop")
+SECTIONS = ("throughput", "effect", "growth", "fastpath", "step", "open-loop", "shapes")
 # Names for several sections: issue 10's impact budget is measured by the effect table's
 # steady loads (its row next to the fixed configurations), the load step and the open loop.
 ALIASES = {"impact": ("effect", "step", "open-loop")}

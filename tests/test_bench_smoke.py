@@ -67,6 +67,14 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert fastpath["cpu_ms_per_batch"]["runner-1000"]["whole"]["median"] > 0
     assert "unavailable" in fastpath["uvloop"] or fastpath["uvloop"]["whole"]["n"] == 1
 
+    shapes = results["shapes"]  # issue 17: every arm copied or deleted every row
+    for name, samples in shapes["samples"].items():
+        assert [(s["rows"], s["complete"]) for s in samples] == [(rows, True)], name
+    for shape in ("copy", "delete", "archive"):
+        assert {f"procedure-{shape}-1000", f"statement-{shape}"} <= set(shapes["samples"])
+        assert f"runner-{shape}-1000" in shapes["samples"] or "runner_unavailable" in shapes
+    assert len(shapes["bars"]) == 3 and "| shape | batch |" in done.stdout
+
     step = results["step"]
     if "unavailable" not in step:
         unthrottled = step["runs"]["unthrottled"]

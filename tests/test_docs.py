@@ -1,16 +1,19 @@
 """The documentation holds together: every relative link in README.md and docs/*.md points at a
 file that exists, every ``#anchor`` at a heading of that page (as GitHub names it), every page in
-docs/ is linked from the README, and the README stays a page one reads first."""
+docs/ (recipes included) is linked from the README, and the README stays a page one reads first."""
 
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from backfill.job import parse_job
+
 REPO = Path(__file__).resolve().parent.parent
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 README_MAX_LINES = 250
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
@@ -87,3 +90,16 @@ def test_readme_links_every_docs_page_and_stays_short() -> None:
     assert not unlinked, f"docs pages the README does not link: {unlinked}"
     lines = len(readme.read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move reference to docs/"
+
+
+_TOML = re.compile(r"^```toml\n(.*?)^```$", re.M | re.S)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(REPO)) for p in PAGES])
+def test_every_job_file_shown_is_valid(page: Path) -> None:
+    """A ``toml`` block with a ``name`` is a whole job file: it must pass validation as shown
+    (the blocks without one are excerpts of a job file)."""
+    for text in _TOML.findall(page.read_text()):
+        data = tomllib.loads(text)
+        if "name" in data:
+            parse_job(data, source=f"{page.name}: job {data['name']}")

@@ -12,6 +12,7 @@ import pytest
 
 from backfill import manifest
 from backfill.errors import ConfigError
+from backfill.job import load_job
 from tests.conftest import REPO, cli
 
 EXAMPLES = sorted((REPO / "jobs").glob("*.toml"))
@@ -35,6 +36,14 @@ def test_the_example_overlays_are_what_manifest_writes(
             f"regenerate it with `backfill manifest jobs/{path.name} --out {out}`"
         )
     assert {p.name for p in (REPO / out).iterdir()} == set(made.files)
+
+
+def test_the_examples_cover_every_shape() -> None:
+    """An example of each shape (an update, a copy, a delete with an archive), so that the test
+    above checks ``backfill manifest`` for each, and tests/test_k8s.py renders and validates
+    their overlays."""
+    shapes = {load_job(path).shape for path in EXAMPLES}
+    assert shapes == {"update", "copy", "archive"}
 
 
 def test_the_base_image_is_the_placeholder_manifest_replaces() -> None:
