@@ -47,10 +47,22 @@ async def _batches(admin: asyncpg.Connection, name: str) -> int:
 
 
 async def _in_batch(admin: asyncpg.Connection, name: str) -> bool:
+    # The statement's start: pg_stat_activity keeps only its first track_activity_query_size
+    # bytes, and an archive's batch names backfill_changed after them.
     return any(
-        r["state"] == "active" and "backfill_changed" in r["query"]
+        r["state"] == "active" and "WITH backfill_from" in r["query"]
         for r in await runner_backends(admin, name)
     )
+
+
+async def _block(db: Database) -> asyncpg.Connection:
+    """A session holding the source ``IN EXCLUSIVE MODE`` until it is closed: reads go on, but
+    a batch (a copy's ``FOR SHARE``, a delete) waits inside its statement, sent and not
+    committed. Taken at once, unlike row locks on every row, which took longer than the
+    batch's lock_timeout and left the runner backing off, idle, instead of waiting."""
+    conn = await db.connect()
+    await conn.execute("BEGIN; LOCK TABLE src IN EXCLUSIVE MODE")
+    return conn
 
 
 async def _gone(admin: asyncpg.Connection, pid: int) -> bool:
@@ -75,6 +87,7 @@ async def kill_loop(
         spawned.append(proc)
         return proc
 
+    blocker: asyncpg.Connection | None = None
     try:
         current = await spawn()
         for n in range(kills):
@@ -92,6 +105,10 @@ async def kill_loop(
                 if kind == "after a commit":
                     await anyio.sleep(rng.uniform(0, 0.03))
                 else:
+                    # Mid-batch by construction: the source is locked, so the next batch waits
+                    # inside its statement (a batch without a commit to flush takes well under
+                    # a millisecond: polling for one raced the run's end).
+                    blocker = await _block(db)
                     await eventually(
                         lambda c=current: _in_batch(admin, name) if c.code is None else True,
                         within=30, interval=0.002)
@@ -101,11 +118,16 @@ async def kill_loop(
             holder = await lock_holder(admin, name)
             current.kill()
             assert await current.wait(within=10) == -9
+            if blocker is not None:  # the dead runner's statement goes on, and may commit
+                await blocker.close()
+                blocker = None
             if holder is not None:
                 await eventually(lambda h=holder: _gone(admin, h), within=30)
             current = waiting
             figures["sigkills"] += 1
     finally:
+        if blocker is not None:
+            await blocker.close()
         for proc in spawned:
             await proc.aclose()
     done = await cli(tmp_path, "run", final, env=db.env(), within=120)
