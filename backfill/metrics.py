@@ -36,9 +36,9 @@ from backfill.checkpoint import (
     Key,
 )
 from backfill.errors import BatchFailure
-from backfill.impact import Budget
 from backfill.progress import Tracker
 from backfill.protocols import THROTTLE_REASONS, Pause
+from backfill.throttling.impact import Controller
 
 STATES = (RUNNING, THROTTLED, PAUSED, INTERRUPTED, SUCCEEDED, FAILED)
 FINAL_STATES = (INTERRUPTED, SUCCEEDED, FAILED)
@@ -78,9 +78,9 @@ class RunMetrics:
         self.opened = False  # a session opened: this run held the job's lock
         self.current_state = ""
         self._pending: BatchFailure | None = None  # a rolled-back attempt not yet resolved
-        self._budget: tuple[Budget, Callable[[], bool]] | None = None  # see watch()
+        self._budget: tuple[Controller, Callable[[], bool]] | None = None  # see watch()
         self._impact_on = False
-        self._states = list(STATES)
+        self._states: list[str] = list(STATES)
         labels = ["job", "shard"]
         r = self.registry = CollectorRegistry()
         self.rows_updated = Counter(
@@ -177,7 +177,7 @@ class RunMetrics:
         self._set_state(RUNNING)
         self._refresh()
 
-    def watch(self, budget: Budget, active: Callable[[], bool]) -> None:
+    def watch(self, budget: Controller, active: Callable[[], bool]) -> None:
         """Serve the impact budget's gauges from ``budget``, read at each scrape or push, once
         ``active()`` (the job sets ``max_impact``, perhaps only later through ``set``); a run
         without a budget has no such series."""
@@ -190,13 +190,13 @@ class RunMetrics:
         budget, active = self._budget
         self._impact_on = True
 
-        def value(pick: Callable[[Budget], float | None]) -> Callable[[], float]:
+        def value(pick: Callable[[Controller], float | None]) -> Callable[[], float]:
             return lambda: _or_nan(pick(budget)) if active() else NAN
 
-        def judged(name: str) -> Callable[[Budget], float | None]:
+        def judged(name: str) -> Callable[[Controller], float | None]:
             return lambda b: None if b.verdict is None else float(getattr(b.verdict, name))
 
-        picks: dict[str, Callable[[Budget], float | None]] = {
+        picks: dict[str, Callable[[Controller], float | None]] = {
             "ratio": judged("ratio"),
             "limit": lambda b: b.limit,
             "canary_seconds": judged("current"),

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from backfill import impact
-from backfill.impact import Beat, Budget
-from backfill.statements import StatementIndex
+from backfill.throttling import impact
+from backfill.throttling.impact import Beat, Controller
+from backfill.throttling.statements import StatementIndex
 
 BATCH = 0.005  # seconds a batch takes
 ACTIVITY_EVERY = 0.25
@@ -28,7 +28,7 @@ ACTIVITY_EVERY = 0.25
 class World:
     """The simulated database and runner; ``load(t)`` is the foreground's utilization."""
 
-    budget: Budget
+    budget: Controller
     load: object = lambda t: 0.5
     heavy: float = 0.45  # the server share a backfill at full speed takes
     service: float = 0.001
@@ -120,7 +120,7 @@ def best_duty(world: World, limit: float, t: float) -> float:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_converges_within_the_budget_under_steady_load(seed: int) -> None:
-    world = World(Budget(limit=1.2), seed=seed)
+    world = World(Controller(limit=1.2), seed=seed)
     world.run(40)
     best = best_duty(world, 1.2, 20)
     late = world.between(20, 40)
@@ -134,14 +134,14 @@ def test_converges_within_the_budget_under_steady_load(seed: int) -> None:
 
 
 def test_full_speed_when_nobody_else_is_there() -> None:
-    world = World(Budget(limit=1.2), load=lambda t: 0.0)
+    world = World(Controller(limit=1.2), load=lambda t: 0.0)
     world.run(10)
     assert world.rate(1, 10) >= 0.95 * 1000 / BATCH
-    assert world.budget.idle and not world.budget.limiting
+    assert world.budget.idle and not world.budget.holding
 
 
 def test_backs_off_within_seconds_of_a_load_step_and_recovers_after() -> None:
-    world = World(Budget(limit=1.2), load=lambda t: 0.5 if 10 <= t < 25 else 0.0)
+    world = World(Controller(limit=1.2), load=lambda t: 0.5 if 10 <= t < 25 else 0.0)
     world.run(35)
     full = 1000 / BATCH
     assert world.rate(1, 10) >= 0.95 * full  # off: full speed
@@ -154,16 +154,16 @@ def test_backs_off_within_seconds_of_a_load_step_and_recovers_after() -> None:
 
 def test_never_starves_under_saturation_and_says_so() -> None:
     # The foreground alone takes 90% of the server: any work shows; the runner crawls.
-    world = World(Budget(limit=1.2), load=lambda t: 0.9)
+    world = World(Controller(limit=1.2), load=lambda t: 0.9)
     world.run(30)
-    assert world.budget.limiting
+    assert world.budget.holding
     assert world.budget.duty <= 5 * impact.FLOOR
     for t in range(5, 30, 5):  # but it crawls on
         assert world.rate(t - 5, t) > 0
 
 
 def test_a_cut_is_bounded_and_the_bad_pace_remembered() -> None:
-    b = Budget(limit=1.2, others=True)
+    b = Controller(limit=1.2, others=True)
     base = [Beat(0.2 + 0.05 * i, 0.001, 0.002) for i in range(16)]
     for beat in base:
         b.beat(beat)
@@ -187,7 +187,7 @@ def test_a_cut_is_bounded_and_the_bad_pace_remembered() -> None:
 
 
 def test_grows_only_when_the_allowance_was_used() -> None:
-    b = Budget(limit=1.2, others=True)
+    b = Controller(limit=1.2, others=True)
     for i in range(16):
         b.beat(Beat(0.2 + 0.05 * i, 0.001, 0.002))
     b.measuring = (0.0, 1.0)
@@ -205,7 +205,7 @@ def test_grows_only_when_the_allowance_was_used() -> None:
 
 
 def test_a_new_load_gets_a_fresh_baseline_at_once() -> None:
-    b = Budget(limit=1.2)
+    b = Controller(limit=1.2)
     b.activity(0.0, False)
     assert b.hold(0.0) is None and b.runway(0.0) > 0  # idle: grouped, full speed
     for t in (5.0, 5.25, 5.5):
@@ -219,21 +219,21 @@ def test_a_new_load_gets_a_fresh_baseline_at_once() -> None:
 
 def test_a_query_now_and_then_is_not_a_load() -> None:
     """A monitoring poll every few seconds leaves the runner at full speed."""
-    b = Budget(limit=1.2)
+    b = Controller(limit=1.2)
     for i in range(80):  # 20 s of looks, one of every 12 sees a statement
         b.activity(i * 0.25, i % 12 == 5)
         assert b.idle, i
 
 
 def test_unknown_others_count_as_there() -> None:
-    b = Budget(limit=1.2)
+    b = Controller(limit=1.2)
     b.activity(0.0, False)
     b.activity(0.25, None)
     assert b.others is None and not b.idle
 
 
 def test_a_live_retune_forgets_what_was_learnt() -> None:
-    b = Budget(limit=1.2, others=True)
+    b = Controller(limit=1.2, others=True)
     b._bad, b._good = 0.5, 0.3
     b.retune(1.1)
     assert (b.limit, b._bad, b._good) == (1.1, None, None)
@@ -280,7 +280,7 @@ def test_the_statement_index_weighs_tails_by_the_baselines_time() -> None:
 
 
 def test_statements_join_the_verdict_and_can_decide() -> None:
-    b = Budget(limit=1.2, others=True)
+    b = Controller(limit=1.2, others=True)
     b.statements(0.35, {1: (0, 0.0, 0.0)})
     for i in range(30):
         b.beat(Beat(0.3 + 0.02 * i, 0.001, 0.002))
@@ -298,9 +298,9 @@ def test_statements_join_the_verdict_and_can_decide() -> None:
     assert b.verdict is not None and b.verdict.deciding == "statements"
     assert b.verdict.ratio == pytest.approx(3.0)
     assert b.duty == pytest.approx(impact.START * 0.5)
-    assert b.batch_cap(1000) == 1000 * impact.SHORTEST  # shorter batches too, not too short
+    assert b.batch_share() == impact.SHORTEST  # shorter batches too, not too short
     b.duty = 0.5
-    assert b.batch_cap(1000) == 500
+    assert b.batch_share() == 0.5
 
 
 def test_a_stalled_window_leaves_the_baseline() -> None:

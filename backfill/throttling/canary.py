@@ -1,5 +1,5 @@
 """The impact budget's measurements, taken for as long as a run lasts on its probe connection
-and fed to its ``Budget``: the canary (a tiny read and a tiny committed write, 20 times a
+and fed to its ``Controller``: the canary (a tiny read and a tiny committed write, 20 times a
 second, 40 during an idle window, also while a batch runs) and whether other sessions are at
 work (every ``ACTIVITY_EVERY`` seconds). While the job sets no ``max_impact`` it only waits for
 one to be set (``backfill set``).
@@ -20,8 +20,8 @@ import anyio
 
 from backfill.control import Live
 from backfill.errors import one_line
-from backfill.impact import Beat, Budget
 from backfill.protocols import Probe
+from backfill.throttling.impact import Beat, Controller
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ RECENT = 0.25  # ... which see a session at work when it ran a statement since t
 
 
 async def measure(
-    probe: Probe, live: Live, budget: Budget, *, clock: Callable[[], float] = time.monotonic
+    probe: Probe, live: Live, budget: Controller, *, clock: Callable[[], float] = time.monotonic
 ) -> None:
     """Run until cancelled."""
     looked = -RECENT
@@ -75,7 +75,7 @@ async def measure(
 
 
 async def _statements(
-    probe: Probe, budget: Budget, job: str, clock: Callable[[], float]
+    probe: Probe, budget: Controller, job: str, clock: Callable[[], float]
 ) -> bool:
     """Feed a snapshot of ``pg_stat_statements`` to the budget; True once there is something
     to say for good (it is not installed, or hides other roles' statements, or fails): from

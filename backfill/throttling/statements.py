@@ -9,7 +9,7 @@ counts, not a sample, and a few slow ones show), lately over in the baseline; th
 these by each statement's share of the baseline's time, so that it is how much slower the
 application's usual work ran (a change of mix is not taken for a change of speed, and a slower
 COMMIT weighs by the time commits take). Statements must have run often enough in both. The
-runner's own statements never get here (``backfill.gates`` leaves them out).
+runner's own statements never get here (the probe connection leaves them out).
 """
 
 from __future__ import annotations

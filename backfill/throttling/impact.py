@@ -4,7 +4,7 @@
 Pure: fed what was measured (canary beats, whether other sessions are at work, the runner's
 own batches), each with its time, it answers with the pause after a batch, idle windows that
 measure the baseline, and how long the runner may go on without asking. It does no I/O and
-reads no clock (``backfill.canary`` measures; the governor asks).
+reads no clock (``backfill.throttling.canary`` measures; the governor asks).
 
 - Baseline: the canary's latency with the runner idle, never its own steady state. Idle
   windows of ``WINDOW`` seconds (the first ``SETTLE`` discarded, so the runner's last batch has
@@ -13,7 +13,7 @@ reads no clock (``backfill.canary`` measures; the governor asks).
   ``POOL`` windows younger than ``AGE``, so it follows the application's day.
 - Impact: where ``pg_stat_statements`` can be read, the application's own statements over
   the last ``JUDGE`` seconds (only since ``SETTLE`` after the last change of pace) against the
-  idle windows: the time-weighted tails of every call (``backfill.statements``), the very
+  idle windows: the time-weighted tails of every call (``backfill.throttling.statements``), the very
   thing the budget protects. Elsewhere the canary stands in: for its read (what waits for a
   CPU, a lock) and its write (what waits for a WAL flush), the beats over the same times
   against the baseline's, each the mean of its slower half (``slow_half``); the larger
@@ -41,7 +41,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from backfill.statements import Snapshot, StatementIndex
+from backfill.throttling.statements import Snapshot, StatementIndex
 
 BEAT = 0.05  # seconds between canary beats (20 a second) ...
 BEAT_MEASURING = 0.025  # ... and during an idle window (the baseline wants many) ...
@@ -83,7 +83,7 @@ class Beat:
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class Judgment:
     """The latest judgment, for metrics, logs and ``status``."""
 
     ratio: float  # measured latency over baseline (the largest of the signals)
@@ -95,7 +95,7 @@ class Verdict:
 def describe(ratio: float | None, limit: float, duty: float, current: float | None,
              baseline: float | None, deciding: str | None) -> str:
     """``impact 1.34 > 1.20, canary write 2.1 ms over baseline 1.4 ms, duty 45%``: a
-    measurement (``Budget.report``) in words, for the log and ``status``."""
+    measurement (``Controller.report``) in words, for the log and ``status``."""
     if ratio is None or current is None or baseline is None:
         return f"impact budget {limit:.2f}: measuring, duty {duty:.0%}"
     signal = "statements" if deciding == "statements" else f"canary {deciding}"
@@ -114,13 +114,13 @@ def slow_half(values: list[float]) -> float:
 
 
 @dataclass
-class Budget:
+class Controller:
     """The controller. ``limit`` is ``1 + max_impact`` (``retune`` changes it live)."""
 
     limit: float
     duty: float = 1.0
     others: bool | None = None  # other sessions at work lately (None: cannot tell)
-    verdict: Verdict | None = None
+    verdict: Judgment | None = None
     broken: str | None = None  # why the canary cannot measure now (None: it can)
     measuring: tuple[float, float] | None = None  # the idle window under way (start, end)
     _looks: deque[bool | None] = field(default_factory=deque)
@@ -205,9 +205,11 @@ class Budget:
         return self.others is False
 
     @property
-    def limiting(self) -> bool:
-        """Whether the budget holds the run below full speed now."""
-        return not self.idle and (self.measuring is not None or self.duty < 1.0)
+    def holding(self) -> bool:
+        """Whether the budget holds the run back now: it cannot measure, or allows less than
+        full speed (an idle window is a pause of its own). The one answer the governor's state,
+        the ceiling on batches and the runway go by."""
+        return self.broken is not None or (not self.idle and self.duty < 1.0)
 
     def hold(self, now: float) -> float | None:
         """Seconds to stay idle now for a baseline window, else None. Asked before a batch."""
@@ -240,19 +242,19 @@ class Budget:
             return 0.0
         return seconds * (1.0 - self.duty) / self.duty
 
-    def batch_cap(self, size: int) -> int | None:
-        """A ceiling on the batch while the budget holds the pace back: the size in proportion
-        to the duty, so that the runner's work comes in short transactions finely spread
-        between the application's, not in long ones with long pauses (a batch's commit delays
-        the commits that queue behind it: its tail is what the application feels)."""
-        if not self.limiting:
+    def batch_share(self) -> float | None:
+        """A ceiling on the batch while the budget holds the pace back, as a share of its size:
+        in proportion to the duty, so that the runner's work comes in short transactions finely
+        spread between the application's, not in long ones with long pauses (a batch's commit
+        delays the commits that queue behind it: its tail is what the application feels)."""
+        if not self.holding:
             return None
-        return max(1, math.ceil(size * max(self.duty, SHORTEST)))
+        return max(self.duty, SHORTEST)
 
     def runway(self, now: float) -> float:
         """How long the runner may go on without asking (0: after every batch)."""
         self._decide(now)
-        if self.measuring is not None or (not self.idle and self.duty < 1.0):
+        if self.holding or self.measuring is not None:
             return 0.0
         if self.idle:
             return RUNWAY
@@ -293,13 +295,13 @@ class Budget:
                 grown = min(grown, max(self.duty * 1.05, (self.duty + self._bad) / 2))
             self._set(grown, now)
 
-    def _judge(self, now: float) -> Verdict | None:
+    def _judge(self, now: float) -> Judgment | None:
         since = max(self._changed + SETTLE, now - JUDGE)
         if now - since >= JUDGE / 2 and (index := self._statements.index(since)) is not None:
             # The application's own statements, where they can be seen: what the budget
             # protects, every call of it, and their tails (measured: the canary's latency
             # hardly moves where the application's p99 doubles).
-            return Verdict(ratio=index.ratio, deciding="statements", current=index.current,
+            return Judgment(ratio=index.ratio, deciding="statements", current=index.current,
                            baseline=index.baseline)
         recent = [b for b in self._beats if b.at >= since]
         base = [b for _, beats in self._windows for b in beats]
@@ -311,7 +313,7 @@ class Budget:
             baseline = slow_half([getattr(b, side) for b in base])
             ratios.append((current / max(baseline, 1e-6), side, current, baseline))
         ratio, side, current, baseline = max(ratios)
-        return Verdict(ratio=ratio, deciding=side, current=current, baseline=baseline)
+        return Judgment(ratio=ratio, deciding=side, current=current, baseline=baseline)
 
     def _used(self, now: float) -> bool:
         """Whether the runner worked about as much as its duty allowed since the change (it
