@@ -46,6 +46,7 @@ LIVE_KEYS = (
     "throttle.max_active_sessions",
     "throttle.on_check_error",
     "throttle.max_impact",
+    "throttle.max_tail_impact",
 )
 DEFAULT = "default"  # `set key=default` removes the override
 OFF = ("off", "none")  # `set key=off` switches an optional limit off

@@ -142,6 +142,13 @@ def test_parse_and_merge_validate_every_value() -> None:
     assert merge({}, merged, parse_assignments(["batch.size=default"])) == {
         "paused": True, "throttle.max_replication_lag": 2.0, "limits.max_rows_per_second": None,
     }
+    # The tail guard is live-settable and validated like max_impact.
+    budgets = parse_assignments(["throttle.max_impact=20%", "throttle.max_tail_impact=50%"])
+    assert merge({}, {}, budgets) == {"throttle.max_impact": 0.2, "throttle.max_tail_impact": 0.5}
+    with pytest.raises(ConfigError, match=r"throttle\.max_tail_impact"):
+        parse_assignments(["throttle.max_tail_impact=2000%"])
+    knobs, problems = resolve(Knobs.from_job(job()), {"throttle.max_tail_impact": "50%"})
+    assert not problems and knobs.throttle.impact_limits() == (None, 1.5)
 
 
 @pytest.mark.parametrize(
@@ -334,7 +341,8 @@ async def test_the_impact_budget_below_full_speed_is_throttled_said_once(
     gov = governor(probe, clock, throttle={"max_impact": "20%"})
     budget = gov.impact
     budget.others, budget.duty = True, 0.3  # a load is there, and the budget has cut the pace
-    budget.verdict = Judgment(ratio=1.5, deciding="write", current=0.0021, baseline=0.0014)
+    budget.verdict = Judgment(ratio=1.5, deciding="beat", current=0.0021, baseline=0.0014,
+                              limit=1.2, excess=2.5)
     with caplog.at_level(logging.INFO, logger="backfill.throttling.governor"):
         for _ in range(5):  # batch after batch, each paced: one line, one state change
             pauses = await wait_out(gov, clock, batch(0.05))
@@ -344,6 +352,6 @@ async def test_the_impact_budget_below_full_speed_is_throttled_said_once(
     assert probe.states == ["throttled", "running"]
     said = [r.getMessage() for r in caplog.records]
     assert said == [
-        "holding: impact 1.50 > 1.20, canary write 2.1 ms over baseline 1.4 ms, duty 30%",
+        "holding: typical impact 1.50 > 1.20, canary mean 2.1 ms over baseline 1.4 ms, duty 30%",
         "resumed",
     ]

@@ -99,7 +99,7 @@ async def run(
     probe = PgProbe(params, job, shard=shard.index)
     gov = governor.for_job(job, probe)
     if telemetry is not None:
-        metrics.watch(gov.impact, lambda: gov.live.knobs.throttle.max_impact is not None)
+        metrics.watch(gov.impact, lambda: gov.live.knobs.throttle.impact_budget)
     loop = Loop(
         policy_for(job),
         PgConnector(params, job, identity=identity(), shard=shard),

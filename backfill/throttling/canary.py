@@ -1,8 +1,8 @@
 """The impact budget's measurements, taken for as long as a run lasts on its probe connection
 and fed to its ``Controller``: the canary (a tiny read and a tiny committed write, 20 times a
 second, 40 during an idle window, also while a batch runs) and whether other sessions are at
-work (every ``ACTIVITY_EVERY`` seconds). While the job sets no ``max_impact`` it only waits for
-one to be set (``backfill set``).
+work (every ``ACTIVITY_EVERY`` seconds). While the job sets no budget (``max_impact``,
+``max_tail_impact``) it only waits for one to be set (``backfill set``).
 
 A canary that cannot be taken (the role may not write ``backfill.canaries``, the connection is
 gone) is said once and marks the budget broken: the governor then holds the run or ignores
@@ -25,8 +25,9 @@ from backfill.throttling.impact import Beat, Controller
 
 log = logging.getLogger(__name__)
 
-ACTIVITY_EVERY = 0.25  # seconds between looks at other sessions ...
-RECENT = 0.25  # ... which see a session at work when it ran a statement since the last look
+ACTIVITY_EVERY = 0.1  # seconds between looks at other sessions (a load that arrives is seen
+# within a few of them: the runner backs off within a fraction of a second) ...
+RECENT = 0.1  # ... which see a session at work when it ran a statement since the last look
 
 
 async def measure(
@@ -37,11 +38,11 @@ async def measure(
     hidden_said = statements_said = False
     while True:
         t = live.knobs.throttle
-        if t.max_impact is None:
+        if not t.impact_budget:
             budget.broken = None
             await anyio.sleep(t.check_every)
             continue
-        budget.retune(1.0 + t.max_impact)
+        budget.retune(*t.impact_limits())
         now = clock()
         try:
             read, write = await probe.beat(budget.report())

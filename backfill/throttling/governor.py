@@ -5,7 +5,7 @@ In order of precedence, the next batch waits for
 1. ``paused``: an operator's ``backfill pause`` (until ``backfill resume``);
 2. the health gates (``replication_lag``, ``slot_lag``, ``active_sessions``, ``health_query``),
    checked at most every ``check_every`` and re-checked every ``check_every`` while one holds;
-3. ``impact``, while the impact budget (``max_impact``, ``backfill.impact``) measures its
+3. ``impact``, while the impact budget (``max_impact``, ``max_tail_impact``) measures its
    baseline with the runner idle, or cannot measure (and ``on_check_error`` is "pause");
 4. pacing: ``sleep`` (``max(sleep_seconds, sleep_ratio x last batch's duration)`` after each
    batch), ``rate_limit`` (``max_rows_per_second``) or ``impact`` (the duty cycle the budget
@@ -59,8 +59,8 @@ class Governor:
         self.gates = gates
         self.clock = clock
         self.rate = RateLimit()
-        # The impact budget, fed by backfill.canary while ``[throttle] max_impact`` is set.
-        self.impact = Controller(limit=1.0 + (live.knobs.throttle.max_impact or 0.0))
+        # The impact budget, fed by the canary while ``[throttle]`` sets a budget.
+        self.impact = Controller(*live.knobs.throttle.impact_limits())
         self._batch_end: float | None = None  # when the last committed batch came back
         self._batch_seconds = 0.0
         self._checked_at = -math.inf
@@ -111,7 +111,7 @@ class Governor:
         """Whether the impact budget paces the run: it is set, and measuring (or, when it
         cannot, ``on_check_error`` is "pause", which then holds the run)."""
         t = knobs.throttle
-        return t.max_impact is not None and (
+        return t.impact_budget and (
             self.impact.broken is None or t.on_check_error == "pause"
         )
 

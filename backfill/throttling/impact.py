@@ -1,38 +1,45 @@
 """The impact budget: the fastest pace at which the database's other users get at most
-``max_impact`` slower because of the run.
+``max_impact`` slower (their typical latency) and, with ``max_tail_impact``, their tail at
+most that much slower, because of the run. Both may be set: the stricter holds the pace.
 
 Pure: fed what was measured (canary beats, whether other sessions are at work, the runner's
 own batches), each with its time, it answers with the pause after a batch, idle windows that
 measure the baseline, and how long the runner may go on without asking. It does no I/O and
 reads no clock (``backfill.throttling.canary`` measures; the governor asks).
 
-- Baseline: the canary's latency with the runner idle, never its own steady state. Idle
-  windows of ``WINDOW`` seconds (the first ``SETTLE`` discarded, so the runner's last batch has
-  drained) at the start, every ``EVERY`` seconds of work after (7% of the run), and at once
-  when other sessions appear after a quiet spell. The baseline pools the beats of the last
-  ``POOL`` windows younger than ``AGE``, so it follows the application's day.
-- Impact: where ``pg_stat_statements`` can be read, the application's own statements over
-  the last ``JUDGE`` seconds (only since ``SETTLE`` after the last change of pace) against the
-  idle windows: the time-weighted tails of every call (``backfill.throttling.statements``), the very
-  thing the budget protects. Elsewhere the canary stands in: for its read (what waits for a
-  CPU, a lock) and its write (what waits for a WAL flush), the beats over the same times
-  against the baseline's, each the mean of its slower half (``slow_half``); the larger
-  decides. The canary is the weaker measure of the two: it sees the middle of the latency
-  distribution better than its tail (see docs/throttling.md for what was measured).
+- Baseline: the measures with the runner idle, never its own steady state. Idle windows of
+  ``WINDOW`` seconds (the first ``SETTLE`` discarded, so the runner's last batch has drained)
+  at the start, every ``EVERY`` seconds of work after (7% of the run), and at once when other
+  sessions appear after a quiet spell. The baseline pools the last ``POOL`` windows younger
+  than ``AGE``, so it follows the application's day.
+- Impact, on two statistics, over the last ``JUDGE`` seconds (only since ``SETTLE`` after the
+  last change of pace) against the idle windows. Where ``pg_stat_statements`` can be read, the
+  application's own statements (``backfill.throttling.statements``): the typical statistic is
+  each statement's mean (robust: thousands of calls), the tail its mean plus two standard
+  deviations (a proxy from the sums of squares), each weighed by the statement's share of the
+  baseline's time. Elsewhere the canary stands in: the typical statistic is the mean of its
+  beats (a read and a write: a small transaction), the tail the mean of the slower half
+  (``slow_half``) of its reads (what waits for a CPU, a lock) and of its writes (what waits
+  for a WAL flush), the larger deciding. The canary is the weaker measure: its own
+  distribution, not the application's (docs/throttling.md).
 - Control law: the allowance is a duty cycle ``d`` in ``[FLOOR, 1]``: after a batch of ``t``
-  seconds the runner waits ``t (1 - d) / d``. Every ``DECIDE`` seconds, once enough beats
-  are in: over budget, ``d`` is cut in proportion to the excess, at most halved per step, and
-  the duty that was clearly too much twice in a row (by half the budget again: not the
-  estimate's noise, nor a passing stall) is remembered; within budget, and only if the runner
-  used its allowance, ``d`` grows (by up to half when far below the budget, 10% near it),
-  never past the midpoint to the lowest duty known to be too much, a mark that fades by 10%
-  every 5 s (CockroachDB's asymmetric steps, Vitess's good and bad rates, LEDBAT's
-  proportional gain and periodic re-measuring). Below full speed, batches shrink with the duty
-  (``batch_cap``): the same work in shorter transactions.
-- Nobody else there (no other session at work in the last ``LOOKS`` looks, a quarter of a
-  second apart: one second): the budget has nobody to protect, and the runner goes at full
-  speed. A load has arrived when ``ARRIVE`` of those looks saw someone at work; unknown (the
-  role cannot see other sessions), there is assumed to be one.
+  seconds the runner waits ``t (1 - d) / d``. Every ``DECIDE`` seconds, once enough is
+  measured: the excess ``e`` of the limiting statistic (its impact less 1 over its budget: 1 at
+  the budget) moves the duty by ``exp(-CUT (e - 1))`` when over (at most halved) and by
+  ``exp(GAIN (1 - e))`` when within and the runner used its allowance (at most ``1 + GROW``):
+  steps in proportion to the distance from the budget, small near it, so the pace settles
+  instead of swinging around it. A duty clearly too much twice in a row (by half the budget
+  again: not the estimate's noise, nor a passing stall) is remembered; growth never passes
+  the midpoint to it, and the mark fades by 10% every 5 s (CockroachDB's asymmetric steps,
+  Vitess's good and bad rates, LEDBAT's proportional gain and periodic re-measuring). Below
+  full speed, batches shrink with the duty (``batch_share``): the same work in shorter
+  transactions, finely spread: a smoothly paced rate rather than bursts (the application's
+  latency is convex in the runner's instantaneous pace).
+- Nobody else there (no other session at work in the last ``LOOKS`` looks, a tenth of a
+  second apart): the budget has nobody to protect, and the runner goes at full speed. A load
+  has arrived when ``ARRIVE`` of the last ``ARRIVE_LOOKS`` looks saw someone at work (within
+  two tenths of a second, so that the runner backs off at once); unknown (the role cannot see
+  other sessions), there is assumed to be one.
 """
 
 from __future__ import annotations
@@ -56,15 +63,21 @@ JUDGE = 2.5  # seconds of beats an impact is measured over (CockroachDB: 2.5 s; 
 DECIDE = 0.5  # seconds between decisions
 MIN_BEATS = 25  # beats since the last change needed for a judgment (a p90 of fewer is noise)
 MIN_BASE = 12  # beats needed in the baseline
+TYPICAL, TAIL = "typical", "tail"  # the statistics a budget holds
 START = 0.05  # the duty to start from under load, before anything is known (gently: the
 # application's tail pays for an overshoot at once, an undershoot costs a few seconds)
 FLOOR = 0.01  # the least duty: the run never stops for good while the budget allows work
 USED = 0.8  # the runner grows only when it worked at least this share of its allowance
-GROW = 0.5  # the most the duty grows per decision (by a tenth of that near the budget): a
-# decision needs fresh beats after each change, so a quarter took ~40 s to full speed; a
-# cut (up to halving) stays the steeper step: the application's tail pays for every overshoot
-LOOKS = 4  # looks at other sessions that decide whether anybody is there ...
-ARRIVE = 3  # ... of which this many must see one at work for a load to have arrived
+GROW = 0.5  # the most the duty grows per decision (far below the budget): a decision needs
+# fresh measures after each change, so a quarter took ~40 s to full speed
+GAIN = math.log(1 + GROW)  # within the budget: the duty grows by exp(GAIN (1 - excess))
+CUT = math.log(2)  # over it: shrinks by exp(-CUT (excess - 1)), halved at twice the budget:
+# the steeper step, as the application pays for every overshoot
+NEAR = 0.5  # within this of the budget (in excess) the step shrinks further, in proportion
+# to the distance: a measurement's noise there moves the pace little
+LOOKS = 10  # looks at other sessions without anyone at work before nobody is there ...
+ARRIVE_LOOKS = 4  # ... and of the last this many looks ...
+ARRIVE = 2  # ... this many that saw one at work for a load to have arrived
 RUNWAY = 0.2  # seconds the runner may go on unasked at full speed: when a load arrives, a
 # group of batches sized for an idle server runs several times longer; keep it short
 FADE = 0.1  # a bad mark rises by this share every FADE_EVERY seconds
@@ -84,25 +97,49 @@ class Beat:
 
 @dataclass(frozen=True, slots=True)
 class Judgment:
-    """The latest judgment, for metrics, logs and ``status``."""
+    """The latest judgment, for metrics, logs and ``status``: the limiting statistic's."""
 
-    ratio: float  # measured latency over baseline (the largest of the signals)
-    deciding: str  # which decided: the canary's "read" or "write", or "statements"
-    current: float  # that latency now (the mean of its slower half), seconds
+    ratio: float  # measured latency over baseline
+    deciding: str  # the signal that measured it: "statements", or the canary's "beat" (its
+    # read and write together: the typical statistic), "read" or "write" (the tail)
+    current: float  # that latency now, seconds
     baseline: float  # and with the runner idle
+    statistic: str = TYPICAL  # which statistic limits: TYPICAL or TAIL
+    limit: float | None = None  # its limit (1 + its budget)
+    excess: float = 0.0  # (ratio - 1) / (limit - 1): 1 at the budget
+
+
+SIGNALS = {
+    (TYPICAL, "statements"): "statements' mean", (TAIL, "statements"): "statements' tail",
+    (TYPICAL, "beat"): "canary mean", (TAIL, "read"): "canary read slow half",
+    (TAIL, "write"): "canary write slow half",
+}
 
 
 def describe(ratio: float | None, limit: float, duty: float, current: float | None,
              baseline: float | None, deciding: str | None) -> str:
-    """``impact 1.34 > 1.20, canary write 2.1 ms over baseline 1.4 ms, duty 45%``: a
-    measurement (``Controller.report``) in words, for the log and ``status``."""
+    """``tail impact 1.34 > 1.20, canary write slow half 2.1 ms over baseline 1.4 ms, duty
+    45%``: a measurement (``Controller.report``; ``deciding`` is "statistic signal") in words,
+    for the log and ``status``. A row from before the statistics had names reads as before."""
     if ratio is None or current is None or baseline is None:
         return f"impact budget {limit:.2f}: measuring, duty {duty:.0%}"
-    signal = "statements" if deciding == "statements" else f"canary {deciding}"
+    statistic, _, side = (deciding or "").rpartition(" ")
+    signal = SIGNALS.get((statistic, side)) or (
+        "statements" if side == "statements" else f"canary {side}")
     return (
-        f"impact {ratio:.2f} {'>' if ratio > limit else '<='} {limit:.2f}, {signal} "
+        f"{statistic + ' ' if statistic else ''}impact {ratio:.2f} "
+        f"{'>' if ratio > limit else '<='} {limit:.2f}, {signal} "
         f"{current * 1000:.1f} ms over baseline {baseline * 1000:.1f} ms, duty {duty:.0%}"
     )
+
+
+def _near(error: float) -> float:
+    """``error`` (the excess less 1), shrunk in proportion to its size within ``NEAR``."""
+    return error * min(1.0, abs(error) / NEAR)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def slow_half(values: list[float]) -> float:
@@ -115,9 +152,11 @@ def slow_half(values: list[float]) -> float:
 
 @dataclass
 class Controller:
-    """The controller. ``limit`` is ``1 + max_impact`` (``retune`` changes it live)."""
+    """The controller. ``limit`` is ``1 + max_impact`` and ``tail_limit`` ``1 + max_tail_impact``
+    (None: not held; ``retune`` changes them live)."""
 
-    limit: float
+    limit: float | None = None
+    tail_limit: float | None = None
     duty: float = 1.0
     others: bool | None = None  # other sessions at work lately (None: cannot tell)
     verdict: Judgment | None = None
@@ -145,9 +184,10 @@ class Controller:
 
     def activity(self, now: float, seen: bool | None) -> None:
         """One look at the other sessions: whether one of them was at work a moment ago (None:
-        the runner cannot tell). They count as there once ``ARRIVE`` of the last ``LOOKS``
-        looks saw one, as gone once none did (a first look decides alone): a monitoring query
-        now and then is not an application to protect."""
+        the runner cannot tell). They count as there once ``ARRIVE`` of the last
+        ``ARRIVE_LOOKS`` looks saw one, as gone once none of the last ``LOOKS`` did (a first
+        look decides alone): a monitoring query now and then is not an application to
+        protect, nor a pause of the application's a departure."""
         self._looks.append(seen)
         while len(self._looks) > LOOKS:
             self._looks.popleft()
@@ -156,7 +196,7 @@ class Controller:
         elif len(self._looks) == 1 or self.others is None:
             others = bool(seen)
         elif self.others is False:
-            others = sum(bool(x) for x in self._looks) >= ARRIVE
+            others = sum(bool(x) for x in list(self._looks)[-ARRIVE_LOOKS:]) >= ARRIVE
         else:
             others = any(self._looks)
         arrived = others is not False and self.others is False
@@ -177,17 +217,33 @@ class Controller:
         while self._work and self._work[0][0] < end - JUDGE - 1:
             self._work.popleft()
 
-    def retune(self, limit: float) -> None:
-        if limit != self.limit:
-            self.limit, self._bad, self._good = limit, None, None
+    def retune(self, limit: float | None, tail_limit: float | None = None) -> None:
+        if (limit, tail_limit) != (self.limit, self.tail_limit):
+            self.limit, self.tail_limit, self._bad, self._good = limit, tail_limit, None, None
+
+    @property
+    def binding(self) -> float:
+        """The limit that holds now: the limiting statistic's (before a judgment, the typical
+        one's where it is set)."""
+        v = self.verdict
+        if v is not None and v.limit is not None:
+            return v.limit
+        return self.limit or self.tail_limit or 1.0
+
+    @property
+    def limiting(self) -> str | None:
+        """The statistic that limits the pace now (None before a judgment)."""
+        return None if self.verdict is None else self.verdict.statistic
 
     def report(self) -> tuple[float | None, float, float, float | None, float | None, str | None]:
         """What it measured last, as the canary's row keeps it for ``status``: the ratio, the
-        limit, the duty, the current and the baseline latency, and which side decided."""
+        limit, the duty, the current and the baseline latency, and which statistic limits and
+        which signal measured it ("tail statements")."""
         v = self.verdict
         if v is None:
-            return None, self.limit, self.duty, None, None, None
-        return v.ratio, self.limit, self.duty, v.current, v.baseline, v.deciding
+            return None, self.binding, self.duty, None, None, None
+        return (v.ratio, self.binding, self.duty, v.current, v.baseline,
+                f"{v.statistic} {v.deciding}")
 
     # --- what the governor asks -----------------------------------------------------------
 
@@ -274,46 +330,61 @@ class Controller:
         if verdict is None:
             return
         self.verdict = verdict
-        limit = self.limit
-        if verdict.ratio > limit:
+        excess = 1.0 + _near(verdict.excess - 1.0)
+        if verdict.excess > 1.0:
             # Clearly over (by half the budget again, not by noise), twice in a row (not a
             # passing stall of the disk): this duty is too much.
-            clearly = verdict.ratio > limit + (self.limit - 1) / 2
+            clearly = verdict.excess > 1.5
             if clearly and self._over:
                 self._bad, self._bad_at = min(self._bad or self.duty, self.duty), now
                 if self._good is not None and self._good >= self.duty:
                     self._good = None
             self._over = clearly
-            self._set(self.duty * max(0.5, min(0.9, limit / verdict.ratio)), now)
+            self._set(self.duty * max(0.5, math.exp(-CUT * (excess - 1.0))), now)
             return
         self._over = False
         if self._used(now):
             self._good = max(self._good or 0.0, self.duty)
-            headroom = (limit - verdict.ratio) / (self.limit - 1.0)
-            grown = self.duty * (1.0 + GROW * min(1.0, max(0.2, headroom)))
+            grown = self.duty * min(1.0 + GROW, math.exp(GAIN * (1.0 - excess)))
             if self._bad is not None and self.duty < self._bad:
-                grown = min(grown, max(self.duty * 1.05, (self.duty + self._bad) / 2))
+                grown = min(grown, max(self.duty * 1.02, (self.duty + self._bad) / 2))
             self._set(grown, now)
 
     def _judge(self, now: float) -> Judgment | None:
         since = max(self._changed + SETTLE, now - JUDGE)
+        found: dict[str, tuple[float, str, float, float]] = {}  # statistic: (ratio, signal, ..)
         if now - since >= JUDGE / 2 and (index := self._statements.index(since)) is not None:
             # The application's own statements, where they can be seen: what the budget
-            # protects, every call of it, and their tails (measured: the canary's latency
-            # hardly moves where the application's p99 doubles).
-            return Judgment(ratio=index.ratio, deciding="statements", current=index.current,
-                           baseline=index.baseline)
-        recent = [b for b in self._beats if b.at >= since]
-        base = [b for _, beats in self._windows for b in beats]
-        if len(recent) < MIN_BEATS or len(base) < MIN_BASE:
-            return None
-        ratios = []
-        for side in ("read", "write"):
-            current = slow_half([getattr(b, side) for b in recent])
-            baseline = slow_half([getattr(b, side) for b in base])
-            ratios.append((current / max(baseline, 1e-6), side, current, baseline))
-        ratio, side, current, baseline = max(ratios)
-        return Judgment(ratio=ratio, deciding=side, current=current, baseline=baseline)
+            # protects, every call of it (measured: the canary's latency hardly moves where
+            # the application's p99 doubles).
+            for statistic, m in ((TYPICAL, index.typical), (TAIL, index.tail)):
+                found[statistic] = (m.ratio, "statements", m.current, m.baseline)
+        else:
+            recent = [b for b in self._beats if b.at >= since]
+            base = [b for _, beats in self._windows for b in beats]
+            if len(recent) < MIN_BEATS or len(base) < MIN_BASE:
+                return None
+            # Typical: the mean of a beat's read and write together (one small transaction,
+            # one estimate); tail: the slower half of each, the larger.
+            now_sums = [b.read + b.write for b in recent]
+            base_sums = [b.read + b.write for b in base]
+            found[TYPICAL] = (_mean(now_sums) / max(_mean(base_sums), 1e-6), "beat",
+                              _mean(now_sums), _mean(base_sums))
+            sides = []
+            for side in ("read", "write"):
+                current = slow_half([getattr(b, side) for b in recent])
+                baseline = slow_half([getattr(b, side) for b in base])
+                sides.append((current / max(baseline, 1e-6), side, current, baseline))
+            found[TAIL] = max(sides)
+        held = [(statistic, limit) for statistic, limit in ((TYPICAL, self.limit),
+                                                             (TAIL, self.tail_limit))
+                if limit is not None] or [(TYPICAL, 1.0 + 0.2)]
+        excess, statistic, limit = max(
+            ((found[st][0] - 1.0) / max(lim - 1.0, 1e-6), st, lim) for st, lim in held
+        )
+        ratio, signal, current, baseline = found[statistic]
+        return Judgment(ratio=ratio, deciding=signal, current=current, baseline=baseline,
+                        statistic=statistic, limit=limit, excess=excess)
 
     def _used(self, now: float) -> bool:
         """Whether the runner worked about as much as its duty allowed since the change (it
