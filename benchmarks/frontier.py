@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from subprocess import DEVNULL
 from typing import Any
 
 import anyio
@@ -110,13 +111,14 @@ async def frontier(bench: Bench, opts: Options) -> dict[str, Any]:
                        rate=rate)
     windows: list[dict[str, Any]] = []
     try:
-        async with await anyio.open_process(_command(app, bench, script)) as process:
+        command = _command(app, bench, script)
+        async with await anyio.open_process(command, stdout=DEVNULL, stderr=DEVNULL) as process:
             try:
                 await anyio.sleep(opts.warmup)
                 for n, name in enumerate(plan):
                     windows.append(await _one(bench, opts, name, found[name], n))
                     log.info(_said(windows[-1]))
-                await anyio.sleep(0.5)
+                await anyio.sleep(2)  # pgbench's buffered log lines of the last window are out
             finally:
                 if process.returncode is None:
                     process.send_signal(signal.SIGINT)
