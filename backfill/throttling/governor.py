@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from backfill.checkpoint import BatchResult, State
 from backfill.control import Knobs, Live
@@ -239,10 +239,9 @@ class Throttles:
     async def decide(self, last: BatchResult | None) -> Decision:
         decision = await self.governor.decide(last)
         pauses = [p for t in self.others if (p := await t.next_pause(last)) is not None]
-        pause = max([*pauses, *([decision.pause] if decision.pause else [])],
-                    key=lambda p: p.seconds, default=None)
-        return Decision(pause, share=decision.share, state=decision.state,
-                        holding=decision.holding)
+        if decision.pause is not None:
+            pauses.append(decision.pause)
+        return replace(decision, pause=max(pauses, key=lambda p: p.seconds, default=None))
 
     def runway(self) -> float:
         """The governor's, unless another throttle wants every batch (one that cannot say)."""
