@@ -32,6 +32,7 @@ from typing import Any
 
 import anyio
 
+from backfill import sql
 from benchmarks import load, runner, series, step
 from benchmarks.db import Bench, Seed
 from benchmarks.options import Options
@@ -49,6 +50,8 @@ INSERT INTO pgbench_history (tid, bid, aid, delta, mtime)
     VALUES (1, 1, :aid, :delta, CURRENT_TIMESTAMP);
 END;
 """
+CANARY = f"SELECT ratio, budget, duty, current_s, baseline_s, deciding FROM {sql.SCHEMA}.canaries"
+APP_TABLES = ("pgbench_accounts", "pgbench_history", "pgbench_branches", "pgbench_tellers")
 BASELINE = "baseline"
 TYPICAL, TAIL = "budget-typical", "budget-tail"
 # The bars (issue 18): the budget's rows/s at least this share of the fixed ceiling's that
@@ -104,6 +107,10 @@ async def frontier(bench: Bench, opts: Options) -> dict[str, Any]:
     log.info(f"frontier: capacity {capacity:,.0f} tps; -R {rate:,.0f}; {len(plan)} windows "
              f"of {per:g} s")
     await bench.seed(Seed("frontier", opts.frontier_rows))
+    # The application's tables are vacuumed in the gaps too, never by autovacuum in a window.
+    app_db = await bench.connect(load.PGBENCH_DB)
+    for table in APP_TABLES:
+        await app_db.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = off)")
     # Long enough for every window and its gap (a gap is about as long as the copy takes);
     # stopped once the plan is done.
     app = load.Pgbench(binary, "custom", opts.pgbench_clients,
@@ -116,6 +123,7 @@ async def frontier(bench: Bench, opts: Options) -> dict[str, Any]:
             try:
                 await anyio.sleep(opts.warmup)
                 for n, name in enumerate(plan):
+                    await app_db.execute(f"VACUUM {', '.join(APP_TABLES)}")
                     windows.append(await _one(bench, opts, name, found[name], n))
                     log.info(_said(windows[-1]))
                 await anyio.sleep(2)  # pgbench's buffered log lines of the last window are out
@@ -127,6 +135,7 @@ async def frontier(bench: Bench, opts: Options) -> dict[str, Any]:
         transactions = app.transactions()
     finally:
         app.clean()
+        await app_db.close()
         await bench.reset()
         await bench.drop_seed("frontier")
     return summarise(windows, transactions, opts, rate=rate, capacity=capacity,
@@ -175,8 +184,11 @@ async def _one(
         progress += [(float(r["at"]), float(r["rows"]))
                      for r in await bench.conn.fetch(step.PROGRESS_LOG)]
     progress.append((max(t1, progress[-1][0]), progress[-1][1]))
+    # What the budget measured last (its canary row: ratio, duty, which statistic and signal).
+    last = await bench.conn.fetchrow(CANARY) if fields and "throttle" in fields else None
     return {
         "name": name, "n": n, "settle": [started, t0], "window": [t0, t1],
+        "budget_last": None if last is None else dict(last),
         "rows_per_second": series.rate(progress, t0, t1),
         "settle_rows_per_second": series.rate(progress, started, t0),
     }

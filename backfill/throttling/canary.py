@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 ACTIVITY_EVERY = 0.1  # seconds between looks at other sessions (a load that arrives is seen
 # within a few of them: the runner backs off within a fraction of a second) ...
 RECENT = 0.1  # ... which see a session at work when it ran a statement since the last look
+STATEMENTS_EVERY = 0.25  # seconds between reads of pg_stat_statements (a heavier query)
 
 
 async def measure(
     probe: Probe, live: Live, budget: Controller, *, clock: Callable[[], float] = time.monotonic
 ) -> None:
     """Run until cancelled."""
-    looked = -RECENT
+    looked = read_at = -RECENT
     hidden_said = statements_said = False
     while True:
         t = live.knobs.throttle
@@ -58,8 +59,9 @@ async def measure(
                         extra={"job": live.job, "hidden": hidden},
                     )
                 budget.activity(clock(), True if active else None if hidden else False)
-                if not statements_said:
-                    statements_said = await _statements(probe, budget, live.job, clock)
+            if not statements_said and now - read_at >= STATEMENTS_EVERY:
+                read_at = now
+                statements_said = await _statements(probe, budget, live.job, clock)
         except Exception as exc:
             if budget.broken is None:
                 log.warning(
