@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Protocol
 
 Key = tuple[str, ...]
@@ -25,12 +26,24 @@ def key_param(key: Key | None) -> list[str] | None:
     """A key as the ``text[]`` parameter statements take (None stays NULL)."""
     return list(key) if key is not None else None
 
-RUNNING = "running"
-THROTTLED = "throttled"
-PAUSED = "paused"
-INTERRUPTED = "interrupted"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
+
+class State(StrEnum):
+    """A run's state, as the checkpoint, ``status``, the log and the metrics spell it."""
+
+    RUNNING = "running"
+    THROTTLED = "throttled"
+    PAUSED = "paused"
+    INTERRUPTED = "interrupted"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+RUNNING = State.RUNNING
+THROTTLED = State.THROTTLED
+PAUSED = State.PAUSED
+INTERRUPTED = State.INTERRUPTED
+SUCCEEDED = State.SUCCEEDED
+FAILED = State.FAILED
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@
 column (flat keys such as ``"batch.size"``, plus ``"paused"``). A runner gets that column for
 free with every batch (the batch statement returns it) and polls it every ``check_every`` while
 no batch runs. ``Live`` turns the job file's values plus the overrides into the ``Knobs`` that
-the sizer and the throttles read, and logs every change.
+the loop's sizer and the throttles read, and logs every change.
 
 Only the keys in ``LIVE_KEYS`` can be overridden; each is validated by the same model as the job
 file (so bounds and units agree), and the section it belongs to is validated as a whole (so
@@ -27,7 +27,6 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from backfill.errors import ConfigError, first_error
 from backfill.job import JOB_NAME, BatchConfig, Job, Limits, ThrottleConfig
 from backfill.live import LIVE_KEYS
-from backfill.sizing import AdaptiveSizer
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,6 @@ class Live:
 
     base: Knobs
     job: str
-    sizer: AdaptiveSizer | None = None
     clock: Callable[[], float] = time.monotonic
     knobs: Knobs = field(init=False)
     control: dict[str, Any] = field(init=False, default_factory=dict)
@@ -133,13 +131,11 @@ class Live:
         }
         if changes:
             log.info("live control changed", extra={"job": self.job, "changes": changes})
-        old, self.knobs, self.control = self.knobs, knobs, dict(overrides)
-        if self.sizer is not None and old.batch != knobs.batch:
-            self.sizer.tune(
-                size=knobs.batch.size,
-                max_size=knobs.batch.max_size,
-                target_seconds=knobs.batch.target_seconds,
-            )
+        self.knobs, self.control = knobs, dict(overrides)
+
+    @property
+    def sizing(self) -> BatchConfig:
+        return self.knobs.batch
 
 
 # --- the `set` command's side: validating and merging overrides --------------------------------

@@ -143,8 +143,22 @@ class ThrottleConfig(_Frozen):
     health_query: str | None = Field(None, min_length=1, max_length=100_000)
     on_check_error: Literal["pause", "ignore"] = "pause"
     # The impact budget: the application's queries may get at most this much slower
-    # ("20%" or 0.2; up to 1000%) because of the run (see backfill.impact).
+    # ("20%" or 0.2; up to 1000%) because of the run: their typical latency (the time-weighted
+    # mean) with max_impact, their tail (p99-like) with max_tail_impact; both may be set, the
+    # stricter holds (see backfill.throttling.impact).
     max_impact: Share | None = Field(None, gt=0, le=10)
+    max_tail_impact: Share | None = Field(None, gt=0, le=10)
+
+    @property
+    def impact_budget(self) -> bool:
+        """Whether the impact budget paces the run (either statistic set)."""
+        return self.max_impact is not None or self.max_tail_impact is not None
+
+    def impact_limits(self) -> tuple[float | None, float | None]:
+        """``(1 + max_impact, 1 + max_tail_impact)``, None for one not set."""
+        return tuple(  # type: ignore[return-value]
+            None if v is None else 1.0 + v for v in (self.max_impact, self.max_tail_impact)
+        )
 
     @field_validator("health_query")
     @classmethod

@@ -40,10 +40,20 @@ from backfill.errors import (
     Superseded,
     Unavailable,
 )
-from backfill.protocols import Connector, ControlSink, Observer, Pause, Session, Throttle
+from backfill.protocols import (
+    Connector,
+    ControlSink,
+    Decision,
+    Governing,
+    Observer,
+    Pause,
+    Reason,
+    Session,
+    Sizing,
+)
 from backfill.shutdown import Stop
-from backfill.sizing import Sizer
-from backfill.throttle import Backoff, runway_of
+from backfill.sizing import AdaptiveSizer
+from backfill.throttling.pacing import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,7 @@ class Policy:
     max_retries: int
     connect_retry_seconds: float
     skip_bad_rows: bool
+    target_seconds: float | None = None  # aim each batch at this duration (None: fixed size)
 
 
 @dataclass(slots=True)
@@ -92,11 +103,10 @@ class Loop:
         policy: Policy,
         connector: Connector,
         *,
-        throttle: Throttle,
+        throttle: Governing,
         observer: Observer,
         stop: Stop,
         backoff: Backoff | None = None,
-        sizer: Sizer | None = None,
         control: ControlSink | None = None,
     ) -> None:
         self.policy = policy
@@ -105,7 +115,11 @@ class Loop:
         self.observer = observer
         self.stop = stop
         self.backoff = backoff or Backoff()
-        self.sizer = sizer or Sizer(policy.size, policy.min_size, policy.max_size)
+        # The loop's own: sized by its batches, tuned by live control, capped by the throttles.
+        self.sizer = AdaptiveSizer(
+            policy.size, policy.min_size, policy.max_size, target_seconds=policy.target_seconds
+        )
+        self._sizing: Sizing | None = None  # the batch settings the sizer was last tuned to
         self.control = control
         self.failures = _Failures(policy.max_retries)
         # What the last session knew it had committed (rows, batches), and whether it ended
@@ -197,7 +211,7 @@ class Loop:
                 # Batches may run grouped while nothing needs deciding between them: not after a
                 # failure, nor while the size is being adjusted, nor when a throttle says so.
                 grouped = steady and self.sizer.settled
-                within = runway_of(self.throttle) if grouped else 0.0
+                within = self.throttle.runway() if grouped else 0.0
                 try:
                     results = await session.run_batches(cursor, size, within=within)
                 except BatchFailure as failure:
@@ -256,23 +270,32 @@ class Loop:
         self._reconnecting = False
 
     async def _pauses(self, last: BatchResult | None) -> None:
-        pause = await self.throttle.next_pause(last)
-        if pause is None:
+        decision = self._apply(await self.throttle.decide(last))
+        if decision.pause is None:
             return
         # A long wait comes in slices (each reported, so metrics stay fresh); the state goes
         # back to running once, when the wait is over.
-        while pause is not None and not self.stop.requested:
-            await self._wait(pause)
-            pause = await self.throttle.next_pause(None)
+        while decision.pause is not None and not self.stop.requested:
+            await self._wait(decision.pause)
+            decision = self._apply(await self.throttle.decide(None))
         self.observer.state(RUNNING)
 
+    def _apply(self, decision: Decision) -> Decision:
+        """The sizer follows the settings in force and the throttles' ceiling."""
+        if self.control is not None and self.control.sizing != self._sizing:
+            self._sizing = self.control.sizing
+            self.sizer.tune(self._sizing)
+        self.sizer.limit(decision.share)
+        return decision
+
     async def _wait(self, pause: Pause) -> None:
-        self.observer.state(PAUSED if pause.reason == "paused" else THROTTLED)
+        self.observer.state(PAUSED if pause.reason == Reason.PAUSED else THROTTLED)
         self.observer.throttled(Pause(await self.stop.sleep(pause.seconds), pause.reason))
 
     async def _back_off(self, attempt: int, *, at_most: float | None = None) -> None:
         delay = self.backoff.delay(attempt)
-        await self._wait(Pause(delay if at_most is None else min(delay, at_most), "backoff"))
+        pause = Pause(delay if at_most is None else min(delay, at_most), Reason.BACKOFF)
+        await self._wait(pause)
         self.observer.state(RUNNING)
 
     async def _retry(self, failure: BatchFailure, cursor: Key | None, size: int) -> None:
@@ -316,8 +339,8 @@ class Loop:
         return key
 
     def _apply_control(self, overrides: Mapping[str, Any]) -> None:
-        """Live overrides (``backfill pause``/``set``) go to the control sink, which tunes the
-        sizer and the throttles."""
+        """Live overrides (``backfill pause``/``set``) go to the control sink, which the
+        throttles read (and the sizer at the next decision)."""
         if self.control is not None:
             self.control.apply(overrides)
 

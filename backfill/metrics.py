@@ -36,9 +36,9 @@ from backfill.checkpoint import (
     Key,
 )
 from backfill.errors import BatchFailure
-from backfill.impact import Budget
 from backfill.progress import Tracker
 from backfill.protocols import THROTTLE_REASONS, Pause
+from backfill.throttling.impact import TAIL, TYPICAL, Controller
 
 STATES = (RUNNING, THROTTLED, PAUSED, INTERRUPTED, SUCCEEDED, FAILED)
 FINAL_STATES = (INTERRUPTED, SUCCEEDED, FAILED)
@@ -82,9 +82,9 @@ class RunMetrics:
         # The checkpoint's rows when this process's run started, and the rows counted since.
         self._rows_base: int | None = None
         self._rows_counted = 0
-        self._budget: tuple[Budget, Callable[[], bool]] | None = None  # see watch()
+        self._budget: tuple[Controller, Callable[[], bool]] | None = None  # see watch()
         self._impact_on = False
-        self._states = list(STATES)
+        self._states: list[str] = list(STATES)
         labels = ["job", "shard"]
         r = self.registry = CollectorRegistry()
         self.rows_updated = Counter(
@@ -141,11 +141,14 @@ class RunMetrics:
         self.info = Info(
             "backfill", "The job's table, its shape and the runner's version.", labels, registry=r
         )
-        # The impact budget (``[throttle] max_impact``); NaN while it is off or has not judged.
+        # The impact budget (``[throttle] max_impact``, ``max_tail_impact``); NaN while it is
+        # off or has not judged.
         impact = {
-            "ratio": "The canary's latency with the run over without it (the larger of read "
-                     "and write); the budget keeps it at or under backfill_impact_limit.",
-            "limit": "1 + max_impact: the most the impact ratio may be.",
+            "ratio": "The application's latency with the run over without it, on the statistic "
+                     "that limits the pace (backfill_impact_limiting); the budget keeps it at "
+                     "or under backfill_impact_limit.",
+            "limit": "1 + that statistic's budget (max_impact or max_tail_impact): the most "
+                     "the impact ratio may be.",
             "canary_seconds": "The deciding canary latency now (the mean of its slower half).",
             "baseline_seconds": "The same latency with the runner idle (its baseline).",
             "allowance_ratio": "The duty cycle the budget allows: the share of the time the "
@@ -157,6 +160,12 @@ class RunMetrics:
             name: Gauge(f"backfill_impact_{name}", text, labels, registry=r)
             for name, text in impact.items()
         }
+        self.impact_limiting = Gauge(
+            "backfill_impact_limiting",
+            "1 for the statistic that limits the pace now (typical: max_impact, the mean; tail: "
+            "max_tail_impact), 0 for the other; NaN before a judgment.",
+            [*labels, "statistic"], registry=r,
+        )
         self.success = CollectorRegistry()
         self.last_success = Gauge(
             "backfill_last_success_timestamp_seconds", "Unix time the job last succeeded.",
@@ -185,7 +194,7 @@ class RunMetrics:
         self._set_state(RUNNING)
         self._refresh()
 
-    def watch(self, budget: Budget, active: Callable[[], bool]) -> None:
+    def watch(self, budget: Controller, active: Callable[[], bool]) -> None:
         """Serve the impact budget's gauges from ``budget``, read at each scrape or push, once
         ``active()`` (the job sets ``max_impact``, perhaps only later through ``set``); a run
         without a budget has no such series."""
@@ -198,15 +207,15 @@ class RunMetrics:
         budget, active = self._budget
         self._impact_on = True
 
-        def value(pick: Callable[[Budget], float | None]) -> Callable[[], float]:
+        def value(pick: Callable[[Controller], float | None]) -> Callable[[], float]:
             return lambda: _or_nan(pick(budget)) if active() else NAN
 
-        def judged(name: str) -> Callable[[Budget], float | None]:
+        def judged(name: str) -> Callable[[Controller], float | None]:
             return lambda b: None if b.verdict is None else float(getattr(b.verdict, name))
 
-        picks: dict[str, Callable[[Budget], float | None]] = {
+        picks: dict[str, Callable[[Controller], float | None]] = {
             "ratio": judged("ratio"),
-            "limit": lambda b: b.limit,
+            "limit": lambda b: b.binding,
             "canary_seconds": judged("current"),
             "baseline_seconds": judged("baseline"),
             "allowance_ratio": lambda b: 1.0 if b.idle else b.duty,
@@ -214,6 +223,12 @@ class RunMetrics:
         }
         for name, pick in picks.items():
             self.impact[name].labels(self.job, self.shard).set_function(value(pick))
+        def limiting(statistic: str) -> Callable[[Controller], float | None]:
+            return lambda b: None if b.limiting is None else float(b.limiting == statistic)
+
+        for statistic in (TYPICAL, TAIL):
+            gauge = self.impact_limiting.labels(self.job, self.shard, statistic)
+            gauge.set_function(value(limiting(statistic)))
 
     # --- Observer -------------------------------------------------------------------------------
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
-from backfill.checkpoint import BatchResult, Checkpoint, Key
+from backfill.checkpoint import BatchResult, Checkpoint, Key, State
 from backfill.errors import BatchFailure
 
 
@@ -53,31 +54,64 @@ class Connector(Protocol):
         ...
 
 
-# Every second the runner spends not writing is attributed to exactly one of these.
-THROTTLE_REASONS = (
-    "sleep", "rate_limit", "replication_lag", "slot_lag", "active_sessions", "health_query",
-    "impact", "paused", "backoff",
-)
+class Reason(StrEnum):
+    """Why the runner waits: every second it spends not writing is attributed to exactly one
+    of these (the ``reason`` label of ``backfill_throttle_seconds_total``, the log, ``status``)."""
+
+    SLEEP = "sleep"
+    RATE_LIMIT = "rate_limit"
+    REPLICATION_LAG = "replication_lag"
+    SLOT_LAG = "slot_lag"
+    ACTIVE_SESSIONS = "active_sessions"
+    HEALTH_QUERY = "health_query"
+    IMPACT = "impact"
+    PAUSED = "paused"
+    BACKOFF = "backoff"
+
+
+THROTTLE_REASONS = tuple(Reason)
 
 
 @dataclass(frozen=True, slots=True)
 class Pause:
     seconds: float
-    reason: str  # one of THROTTLE_REASONS
+    reason: Reason
 
 
 class Throttle(Protocol):
+    """A caller's own throttle (``run(throttles=...)``), asked after the run's governor."""
+
     async def next_pause(self, last: BatchResult | None) -> Pause | None:
         """How long to wait before the next batch, and why; None to go on.
 
         Called with the batch (or group) just committed, then again with None after each
-        pause it returned, until it returns None.
+        pause it returned, until it returns None. An optional ``runway()`` says as
+        ``Governing.runway`` does (a throttle without it is asked after every batch).
         """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the run's throttles decided before the next batch; the loop applies it."""
+
+    pause: Pause | None  # wait this long first (None: go on)
+    share: float | None = None  # the next batches' ceiling, a share of their size (None: none)
+    state: State = State.RUNNING  # what holds the run shows as (running, throttled, paused)
+    holding: Reason | None = None  # what holds the run back now (a gate, the budget...)
+
+
+class Governing(Protocol):
+    """The loop's side of the throttles (``backfill.throttling.governor``)."""
+
+    async def decide(self, last: BatchResult | None) -> Decision:
+        """Called with the batch (or group) just committed, then again with None after each
+        pause decided, until a decision has no pause."""
         ...
 
     def runway(self) -> float:
         """Seconds from now the runner may go on, batch after batch, before it must ask
-        again; 0 to be asked after every batch (a throttle without this method is)."""
+        again; 0 to be asked after every batch."""
         ...
 
 
@@ -97,10 +131,29 @@ class Observer(Protocol):
     def state(self, state: str) -> None: ...
 
 
+class Sizing(Protocol):
+    """The batch settings in force (``[batch]``, live overrides applied)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def max_size(self) -> int: ...
+
+    @property
+    def target_seconds(self) -> float | None: ...
+
+
 class ControlSink(Protocol):
     def apply(self, overrides: Mapping[str, Any]) -> None:
         """Live overrides as the checkpoint holds them (``control``): the loop passes them on
         when a session opens and after every committed batch."""
+        ...
+
+    @property
+    def sizing(self) -> Sizing:
+        """The batch settings in force now (also after the governor polled ``control``): the
+        loop tunes its sizer to them."""
         ...
 
 

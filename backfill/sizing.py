@@ -12,7 +12,10 @@ a ``Sizer``. The loop talks to both through the same interface.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from backfill.protocols import Sizing
 
 
 @dataclass(slots=True)
@@ -21,8 +24,8 @@ class Sizer:
     min_size: int
     max_size: int
     size: int = 0
-    # A ceiling on the next batches set from outside (the impact budget: short transactions
-    # while it holds the pace back); None: none. ``batch`` is what the next batch takes.
+    # A ceiling on the next batches (the impact budget's short transactions while it holds
+    # the pace back: ``limit``); None: none. ``batch`` is what the next batch takes.
     cap: int | None = None
 
     def __post_init__(self) -> None:
@@ -59,6 +62,20 @@ class Sizer:
 
     def retarget(self, target: int) -> None:
         self.target = self._clamp(target)
+
+    def limit(self, share: float | None) -> None:
+        """Cap the next batches at ``share`` of the size (None: no cap)."""
+        self.cap = None if share is None else max(1, math.ceil(self.size * share))
+
+    def tune(self, sizing: Sizing) -> None:
+        """Apply live settings. A new ``size`` takes effect on the next batch (in adaptive
+        mode it is where the sizing restarts from)."""
+        self.max_size = max(self.min_size, sizing.max_size)
+        if sizing.size != self.target:
+            self.retarget(sizing.size)
+            self.size = self.target
+        self.target = self._clamp(self.target)
+        self.size = self._clamp(self.size)
 
 
 @dataclass(slots=True)
@@ -99,13 +116,6 @@ class AdaptiveSizer(Sizer):
         Sizer.timed_out(self)
         self.rate = None  # the old measure was wrong; start over from the next batch
 
-    def tune(self, *, size: int, max_size: int, target_seconds: float | None) -> None:
-        """Apply live settings. A new ``size`` takes effect on the next batch (in adaptive
-        mode it is where the sizing restarts from)."""
-        self.max_size = max(self.min_size, max_size)
-        self.target_seconds = target_seconds
-        if size != self.target:
-            self.retarget(size)
-            self.size = self.target
-        self.target = self._clamp(self.target)
-        self.size = self._clamp(self.size)
+    def tune(self, sizing: Sizing) -> None:
+        self.target_seconds = sizing.target_seconds
+        Sizer.tune(self, sizing)

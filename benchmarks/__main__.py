@@ -10,8 +10,8 @@ from pathlib import Path
 
 import anyio
 
-from benchmarks import report, report_shapes
-from benchmarks.options import ALIASES, SECTIONS, Options
+from benchmarks import report, report_frontier, report_shapes
+from benchmarks.options import ALIASES, DEFAULT_SECTIONS, RESULTS, SECTIONS, Options
 from benchmarks.suite import run_suite
 
 # Where --readme pastes the tables (the name stays: it is what the docs and habits call it).
@@ -34,13 +34,15 @@ def parse(argv: list[str]) -> tuple[Options, bool]:
                    help="paired repetitions of the fast path (default 5)")
     p.add_argument("--step-rows", type=int, default=defaults.step_rows,
                    help="rows of the load step's table (default 8M: outlasts the step)")
-    p.add_argument("--only", default=",".join(SECTIONS),
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
                    help=f"comma-separated sections to run: {', '.join(SECTIONS)}; "
                         + "; ".join(f"{k} = {','.join(v)}" for k, v in ALIASES.items()))
     p.add_argument("--scenarios", default="",
                    help="comma-separated scenario names to run (default: all), e.g. "
                         "procedure-1000,runner-1000")
-    p.add_argument("--out", type=Path, default=defaults.out, help="where the JSON goes")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where the JSON goes (default results/latest.json; results/frontier.json "
+                        "for --only frontier)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny tables, one repetition: checks the code, numbers mean nothing")
     p.add_argument("--readme", action="store_true",
@@ -48,11 +50,12 @@ def parse(argv: list[str]) -> tuple[Options, bool]:
                         "markers")
     a = p.parse_args(argv)
     sections = _sections(p, a.only)
+    out = a.out or (RESULTS / "frontier.json" if sections == ("frontier",) else defaults.out)
     if a.repeat < 1 or a.rows < 1 or a.big_rows < 0 or a.pairs < 1 or a.step_rows < 1:
         p.error("--repeat, --pairs, --rows and --step-rows must be positive, --big-rows at least 0")
     opts = Options(rows=a.rows, big_rows=a.big_rows, repeat=a.repeat, pairs=a.pairs,
                    step_rows=a.step_rows,
-                   load_seconds=a.load_seconds, sections=sections, out=a.out,
+                   load_seconds=a.load_seconds, sections=sections, out=out,
                    scenarios=tuple(s.strip() for s in a.scenarios.split(",") if s.strip()))
     if a.smoke:
         opts = opts.smoked()
@@ -86,15 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("backfill").setLevel(logging.WARNING)  # in-process runs: no chatter
     results = anyio.run(run_suite, opts, backend="asyncio")
-    results["targets"] = report.targets(results)
-    table = report.markdown(results)
+    if opts.sections == ("frontier",):
+        table = report_frontier.markdown(results)
+    else:
+        results["targets"] = report.targets(results)
+        table = report.markdown(results)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = opts.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
     tmp.replace(opts.out)
     shapes = report_shapes.markdown(results)  # issue 17: under its own heading
     print(table + shapes)
-    pastes = [(table, (START, END))] if set(opts.sections) - {"shapes"} else []
+    pastes = [(table, (START, END))] if set(opts.sections) - {"shapes", "frontier"} else []
     pastes += [(shapes, (report_shapes.START, report_shapes.END))] if shapes else []
     for text, markers in pastes if readme else []:
         if not paste(PAGE, text, markers):

@@ -6,7 +6,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("throughput", "effect", "growth", "fastpath", "step", "open-loop", "shapes")
+SECTIONS = ("throughput", "effect", "growth", "fastpath", "step", "open-loop", "shapes", "frontier")
+# What a run measures unless ``--only`` says otherwise: the frontier takes ~20 minutes of its
+# own and writes its own file (``--only frontier``: results/frontier.json).
+DEFAULT_SECTIONS = SECTIONS[:-1]
 # Names for several sections: issue 10's impact budget is measured by the effect table's
 # steady loads (its row next to the fixed configurations), the load step and the open loop.
 ALIASES = {"impact": ("effect", "step", "open-loop")}
@@ -34,7 +37,7 @@ class Options:
     """Seconds of load before a window opens: connections made, caches settled."""
     writer_pause: float = 0.01
     """Pause between two writes of the single-row writer."""
-    sections: tuple[str, ...] = SECTIONS
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
     scenarios: tuple[str, ...] = ()
     """Only the scenarios with these names (all when empty)."""
     loaded_scenarios: tuple[str, ...] = ()
@@ -59,6 +62,24 @@ class Options:
     open_fraction: float = 0.5
     """The open loop's fixed arrival rate, as a fraction of the measured capacity."""
     open_kind: str = "tpcb-like"
+    frontier_rates: tuple[int, ...] = (2000, 5000, 10_000, 20_000, 40_000)
+    """The frontier's fixed ceilings (``max_rows_per_second``)."""
+    frontier_typical: str = "20%"
+    """The frontier's budget on the typical latency (``max_impact``)."""
+    frontier_tail: str = "50%"
+    """The frontier's budget on the tail (``max_tail_impact``)."""
+    frontier_fraction: float = 0.4
+    """The frontier's application: its arrival rate, as a fraction of the measured capacity."""
+    frontier_settle: float = 15.0
+    """Seconds of each configuration before its window (reported apart)."""
+    frontier_window: float = 25.0
+    """Seconds of each configuration's window."""
+    frontier_rounds: int = 2
+    """Rounds of every configuration (the median over rounds is reported)."""
+    frontier_baselines: int = 3
+    """Baseline windows (no runner) interleaved in each round."""
+    frontier_rows: int = 2_000_000
+    """Rows of the frontier's table: enough for the fastest ceiling's settle and window."""
     out: Path = RESULTS / "latest.json"
     smoke: bool = False
 
@@ -89,5 +110,11 @@ class Options:
             step_baseline=0.5,
             step_sample=0.1,
             capacity_seconds=1.0,
+            frontier_rates=self.frontier_rates[:2],
+            frontier_settle=1.0,
+            frontier_window=1.5,
+            frontier_rounds=1,
+            frontier_baselines=2,
+            frontier_rows=min(self.frontier_rows, 30_000),
             smoke=True,
         )

@@ -56,3 +56,55 @@ def load_step(step: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def _xy(points: list[list[float | None]]) -> tuple[list[float | None], list[float | None]]:
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def frontier(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The frontier as a picture: the application's p99 and mean (over their baselines)
+    against rows/s, the fixed ceilings' line and every window, the budgets' points."""
+    if "configurations" not in result:
+        return {"unavailable": result.get("unavailable", "not measured")}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {"unavailable": "matplotlib is not installed (pip install -e '.[bench]')"}
+    configs, windows = result["configurations"], result["windows"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
+    budgets = {"budget-typical": f"max_impact {result['typical']}",
+               "budget-tail": f"max_tail_impact {result['tail']}"}
+    for ax, stat in zip(axes, ("p99", "mean"), strict=True):
+        fixed = sorted((c["rows_per_second"], c[f"{stat}_ratio"]) for n, c in configs.items()
+                       if n.startswith("fixed-") and c[f"{stat}_ratio"] is not None)
+        ax.plot([r for r, _ in fixed], [i for _, i in fixed], "o-", color="C0",
+                label="fixed max_rows_per_second (median)")
+        each = [(w["rows_per_second"], w["ratio"][stat]) for w in windows
+                if w["name"].startswith("fixed-") and w["ratio"][stat] is not None]
+        ax.plot([r for r, _ in each], [i for _, i in each], ".", color="C0", alpha=0.35,
+                label="fixed, each window")
+        for n, (name, label) in enumerate(budgets.items()):
+            c = configs.get(name)
+            if c is None or c[f"{stat}_ratio"] is None:
+                continue
+            color = f"C{n + 1}"
+            ax.plot([c["rows_per_second"]], [c[f"{stat}_ratio"]], "*", markersize=16,
+                    color=color, label=f"{label} (median)")
+            mine = [(w["rows_per_second"], w["ratio"][stat]) for w in windows
+                    if w["name"] == name and w["ratio"][stat] is not None]
+            ax.plot([r for r, _ in mine], [i for _, i in mine], "x", color=color, alpha=0.6)
+        base = [w["ratio"][stat] for w in windows
+                if w["name"] == "baseline" and w["ratio"][stat] is not None]
+        if base:
+            ax.axhspan(min(base), max(base), color="grey", alpha=0.15,
+                       label="baseline windows' spread")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("backfill rows/s (window)")
+        ax.set_ylabel(f"application {stat} latency / baseline")
+        ax.set_title(f"The application's {stat} against the runner's speed")
+        ax.legend(fontsize="small", loc="upper left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return {"path": str(path)}

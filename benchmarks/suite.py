@@ -12,7 +12,19 @@ from typing import Any
 
 from backfill import __version__
 from backfill.checkpoint import BatchResult
-from benchmarks import baselines, db, fastpath, impact, load, openloop, runner, shapes, step
+from benchmarks import (
+    baselines,
+    db,
+    fastpath,
+    frontier,
+    impact,
+    load,
+    openloop,
+    plot,
+    runner,
+    shapes,
+    step,
+)
 from benchmarks.db import Bench, Seed
 from benchmarks.options import Options
 from benchmarks.sample import Sample
@@ -270,6 +282,12 @@ async def run_suite(opts: Options) -> dict[str, Any]:
         if "open-loop" in opts.sections:
             meta["loadavg"]["before_open_loop"] = db.loadavg()
             results["open_loop"] = await openloop.open_loop(bench, opts)
+        if "frontier" in opts.sections:
+            meta["loadavg"]["before_frontier"] = db.loadavg()
+            results["frontier"] = await frontier.frontier(bench, opts)
+            results["frontier"]["plot"] = plot.frontier(
+                results["frontier"], opts.out.with_suffix(".png")
+            )
         if "shapes" in opts.sections:
             meta["loadavg"]["before_shapes"] = db.loadavg()
             results["shapes"] = await shapes.shapes(bench, opts)

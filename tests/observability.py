@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backfill.checkpoint import BatchResult, Checkpoint
 from backfill.errors import StatementTimeout
-from backfill.impact import Budget
 from backfill.metrics import RunMetrics
 from backfill.pgtemp import free_port
 from backfill.protocols import Pause
+from backfill.throttling.impact import Controller
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "k8s" / "dashboards" / "backfill.json"
@@ -36,7 +36,7 @@ RULE_TESTS = REPO / "k8s" / "alerts" / "backfill-rules.test.yaml"
 def exported_names() -> set[str]:
     """Every sample name the runner's endpoint can serve (with _bucket, _total, ...)."""
     m = RunMetrics(job="j", table="t")
-    m.watch(Budget(limit=1.2), lambda: True)  # the impact budget's series too
+    m.watch(Controller(limit=1.2), lambda: True)  # the impact budget's series too
     m.started(Checkpoint(job="j", shard=0, shards=1, fingerprint="f", state="running",
                          range_lo=("1",), range_hi=("9",), cursor=None))
     m.committed(BatchResult(cursor=("2",), rows=1, size=1, seconds=0.1))

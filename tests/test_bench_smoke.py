@@ -19,17 +19,24 @@ from benchmarks.__main__ import END, PAGE, START, paste
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_benchmark_smoke(tmp_path: Path) -> None:
+def smoke(out: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python3 -m benchmarks --smoke ARGS --out OUT``, which must succeed (skipped where no
+    PostgreSQL can be started)."""
     try:
         find_bindir()
     except ServerUnavailable as exc:
         pytest.skip(str(exc))
-    out = tmp_path / "latest.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "benchmarks", "--smoke", *args, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    done = smoke(out)
     results = json.loads(out.read_text())
     assert results["meta"]["options"]["smoke"] is True
     rows = results["meta"]["options"]["rows"]
@@ -110,3 +117,18 @@ def test_readme_option_pastes_into_the_performance_page(tmp_path: Path) -> None:
     text = page.read_text()
     head, rest = PAGE.read_text().split(START, 1)
     assert text == f"{head}{START}\n| new | table |\n{END}{rest.split(END, 1)[1]}"
+
+
+def test_frontier_smoke(tmp_path: Path) -> None:
+    """The frontier (``--only frontier``): its own file and plot, every window measured."""
+    out = tmp_path / "frontier.json"
+    done = smoke(out, "--only", "frontier", timeout=240)
+    f = json.loads(out.read_text())["frontier"]
+    if "unavailable" in f:
+        pytest.skip(f["unavailable"])
+    assert {"baseline", "fixed-2k", "budget-typical", "budget-tail"} <= set(f["configurations"])
+    assert f["baseline"]["windows"] == 2
+    assert all(w["app"]["transactions"] > 0 for w in f["windows"])
+    assert all(w["rows_per_second"] is not None for w in f["windows"])
+    assert "| budget-typical |" in done.stdout
+    assert "path" in f["plot"] or "matplotlib" in f["plot"]["unavailable"]

@@ -9,6 +9,7 @@ budget asks for one, else a batch, then the pause the budget asks for.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections import deque
@@ -16,19 +17,19 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from backfill import impact
-from backfill.impact import Beat, Budget
-from backfill.statements import StatementIndex
+from backfill.throttling import impact
+from backfill.throttling.impact import Beat, Controller
+from backfill.throttling.statements import StatementIndex
 
 BATCH = 0.005  # seconds a batch takes
-ACTIVITY_EVERY = 0.25
+ACTIVITY_EVERY = 0.1  # as backfill.throttling.canary looks
 
 
 @dataclass
 class World:
     """The simulated database and runner; ``load(t)`` is the foreground's utilization."""
 
-    budget: Budget
+    budget: Controller
     load: object = lambda t: 0.5
     heavy: float = 0.45  # the server share a backfill at full speed takes
     service: float = 0.001
@@ -112,6 +113,12 @@ class World:
         return (points[-1][3] - points[0][3]) / (points[-1][0] - points[0][0]) if points else 0.0
 
 
+def decisions(world: World, t0: float, t1: float) -> list[float]:
+    """The duty after each change in ``[t0, t1)``."""
+    duties = [d for _, d, _, _ in world.between(t0, t1)]
+    return [b for a, b in itertools.pairwise(duties) if b != a]
+
+
 def best_duty(world: World, limit: float, t: float) -> float:
     """The duty at which the model's impact is exactly the limit (a steady state)."""
     u = world.foreground(t)
@@ -120,7 +127,7 @@ def best_duty(world: World, limit: float, t: float) -> float:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_converges_within_the_budget_under_steady_load(seed: int) -> None:
-    world = World(Budget(limit=1.2), seed=seed)
+    world = World(Controller(limit=1.2), seed=seed)
     world.run(40)
     best = best_duty(world, 1.2, 20)
     late = world.between(20, 40)
@@ -134,14 +141,14 @@ def test_converges_within_the_budget_under_steady_load(seed: int) -> None:
 
 
 def test_full_speed_when_nobody_else_is_there() -> None:
-    world = World(Budget(limit=1.2), load=lambda t: 0.0)
+    world = World(Controller(limit=1.2), load=lambda t: 0.0)
     world.run(10)
     assert world.rate(1, 10) >= 0.95 * 1000 / BATCH
-    assert world.budget.idle and not world.budget.limiting
+    assert world.budget.idle and not world.budget.holding
 
 
 def test_backs_off_within_seconds_of_a_load_step_and_recovers_after() -> None:
-    world = World(Budget(limit=1.2), load=lambda t: 0.5 if 10 <= t < 25 else 0.0)
+    world = World(Controller(limit=1.2), load=lambda t: 0.5 if 10 <= t < 25 else 0.0)
     world.run(35)
     full = 1000 / BATCH
     assert world.rate(1, 10) >= 0.95 * full  # off: full speed
@@ -154,16 +161,16 @@ def test_backs_off_within_seconds_of_a_load_step_and_recovers_after() -> None:
 
 def test_never_starves_under_saturation_and_says_so() -> None:
     # The foreground alone takes 90% of the server: any work shows; the runner crawls.
-    world = World(Budget(limit=1.2), load=lambda t: 0.9)
+    world = World(Controller(limit=1.2), load=lambda t: 0.9)
     world.run(30)
-    assert world.budget.limiting
+    assert world.budget.holding
     assert world.budget.duty <= 5 * impact.FLOOR
     for t in range(5, 30, 5):  # but it crawls on
         assert world.rate(t - 5, t) > 0
 
 
 def test_a_cut_is_bounded_and_the_bad_pace_remembered() -> None:
-    b = Budget(limit=1.2, others=True)
+    b = Controller(limit=1.2, others=True)
     base = [Beat(0.2 + 0.05 * i, 0.001, 0.002) for i in range(16)]
     for beat in base:
         b.beat(beat)
@@ -182,12 +189,12 @@ def test_a_cut_is_bounded_and_the_bad_pace_remembered() -> None:
         b.beat(Beat(3.2 + 0.05 * i, 0.010, 0.002))
     b.pause(4.8, BATCH)
     assert b.duty == pytest.approx(0.2) and b._bad == 0.4  # twice: 0.4 is too much
-    assert b.verdict is not None and b.verdict.deciding == "read"
-    assert b.verdict.ratio == pytest.approx(10)
+    assert b.verdict is not None and b.verdict.deciding == "beat"  # read and write: typical
+    assert b.verdict.ratio == pytest.approx((0.010 + 0.002) / 0.003)
 
 
 def test_grows_only_when_the_allowance_was_used() -> None:
-    b = Budget(limit=1.2, others=True)
+    b = Controller(limit=1.2, others=True)
     for i in range(16):
         b.beat(Beat(0.2 + 0.05 * i, 0.001, 0.002))
     b.measuring = (0.0, 1.0)
@@ -205,7 +212,7 @@ def test_grows_only_when_the_allowance_was_used() -> None:
 
 
 def test_a_new_load_gets_a_fresh_baseline_at_once() -> None:
-    b = Budget(limit=1.2)
+    b = Controller(limit=1.2)
     b.activity(0.0, False)
     assert b.hold(0.0) is None and b.runway(0.0) > 0  # idle: grouped, full speed
     for t in (5.0, 5.25, 5.5):
@@ -219,21 +226,21 @@ def test_a_new_load_gets_a_fresh_baseline_at_once() -> None:
 
 def test_a_query_now_and_then_is_not_a_load() -> None:
     """A monitoring poll every few seconds leaves the runner at full speed."""
-    b = Budget(limit=1.2)
+    b = Controller(limit=1.2)
     for i in range(80):  # 20 s of looks, one of every 12 sees a statement
         b.activity(i * 0.25, i % 12 == 5)
         assert b.idle, i
 
 
 def test_unknown_others_count_as_there() -> None:
-    b = Budget(limit=1.2)
+    b = Controller(limit=1.2)
     b.activity(0.0, False)
     b.activity(0.25, None)
     assert b.others is None and not b.idle
 
 
 def test_a_live_retune_forgets_what_was_learnt() -> None:
-    b = Budget(limit=1.2, others=True)
+    b = Controller(limit=1.2, others=True)
     b._bad, b._good = 0.5, 0.3
     b.retune(1.1)
     assert (b.limit, b._bad, b._good) == (1.1, None, None)
@@ -261,8 +268,9 @@ def test_the_statement_index_weighs_tails_by_the_baselines_time() -> None:
     idx.snapshot(2.0, late)  # type: ignore[arg-type]
     found = idx.index(0.9)
     assert found is not None
-    assert found.ratio == pytest.approx((90 * 1.5 + 100 * 1.0) / 190)
-    assert found.baseline == pytest.approx((90 * 1.0 + 100 * 10.0) / 190 / 1000)
+    assert found.tail.ratio == pytest.approx((90 * 1.5 + 100 * 1.0) / 190)
+    assert found.typical.ratio == pytest.approx((90 * 1.5 + 100 * 1.0) / 190)  # no spread
+    assert found.tail.baseline == pytest.approx((90 * 1.0 + 100 * 10.0) / 190 / 1000)
     # A few slow calls show: q1 at 1 ms half the time and 3 ms the other half (mean 2, sd 1:
     # its tail, mean + 2 sd, is 4 ms).
     idx.snapshot(3.0, {1: tuple(a + b for a, b in zip(late[1], sums(1.0, 3.0, calls=30),
@@ -271,7 +279,8 @@ def test_the_statement_index_weighs_tails_by_the_baselines_time() -> None:
                                                       strict=True))})  # type: ignore[dict-item]
     found = idx.index(1.9)
     assert found is not None
-    assert found.ratio == pytest.approx((90 * 4.0 + 100 * 1.0) / 190)
+    assert found.tail.ratio == pytest.approx((90 * 4.0 + 100 * 1.0) / 190)
+    assert found.typical.ratio == pytest.approx((90 * 2.0 + 100 * 1.0) / 190)  # the mean
     # A statement evicted and back (its counters restarted) is left out.
     idx.snapshot(4.0, {1: sums(1.0, calls=5), 2: sums(10.0, calls=2)})
     assert idx.index(2.9) is None
@@ -280,7 +289,7 @@ def test_the_statement_index_weighs_tails_by_the_baselines_time() -> None:
 
 
 def test_statements_join_the_verdict_and_can_decide() -> None:
-    b = Budget(limit=1.2, others=True)
+    b = Controller(limit=1.2, others=True)
     b.statements(0.35, {1: (0, 0.0, 0.0)})
     for i in range(30):
         b.beat(Beat(0.3 + 0.02 * i, 0.001, 0.002))
@@ -298,9 +307,9 @@ def test_statements_join_the_verdict_and_can_decide() -> None:
     assert b.verdict is not None and b.verdict.deciding == "statements"
     assert b.verdict.ratio == pytest.approx(3.0)
     assert b.duty == pytest.approx(impact.START * 0.5)
-    assert b.batch_cap(1000) == 1000 * impact.SHORTEST  # shorter batches too, not too short
+    assert b.batch_share() == impact.SHORTEST  # shorter batches too, not too short
     b.duty = 0.5
-    assert b.batch_cap(1000) == 500
+    assert b.batch_share() == 0.5
 
 
 def test_a_stalled_window_leaves_the_baseline() -> None:
@@ -322,5 +331,62 @@ def test_a_stalled_window_leaves_the_baseline() -> None:
     found = idx.index(t - 0.1)
     assert found is not None
     # The stalled window is left out: the baseline pools 1.0 and 1.1 ms (mean 1.05, sd 0.05).
-    assert found.baseline == pytest.approx(0.00115)
-    assert found.ratio == pytest.approx(1.2 / 1.15)
+    assert found.tail.baseline == pytest.approx(0.00115)
+    assert found.tail.ratio == pytest.approx(1.2 / 1.15)
+    assert found.typical.ratio == pytest.approx(1.2 / 1.05)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_settles_without_oscillating(seed: int) -> None:
+    """Near the budget the steps are small and the pace stays put: no swinging around it."""
+    world = World(Controller(limit=1.2), seed=seed)
+    world.run(60)
+    late = decisions(world, 30, 60)
+    steps = [abs(b / a - 1) for a, b in itertools.pairwise(late)]
+    assert steps and sorted(steps)[len(steps) // 2] <= 0.1, steps  # the median step
+    duties = [d for _, d, _, _ in world.between(30, 60)]
+    mean = sum(duties) / len(duties)
+    spread = math.sqrt(sum((d - mean) ** 2 for d in duties) / len(duties))
+    assert spread <= 0.25 * mean, (spread, mean)
+    assert world.mean_ratio(30, 60) <= 1.2 * 1.05
+
+
+@pytest.mark.parametrize(("limit", "tail", "held"), [
+    (1.2, None, "typical"), (None, 1.2, "tail"), (1.5, 1.2, "tail"), (1.2, 3.0, "typical"),
+])
+def test_each_statistic_and_the_stricter_holds(
+    limit: float | None, tail: float | None, held: str
+) -> None:
+    world = World(Controller(limit=limit, tail_limit=tail))
+    world.run(40)
+    b = world.budget
+    assert b.verdict is not None and b.limiting == held
+    assert b.binding == (limit if held == "typical" else tail)
+    strict = min(x for x in (limit, tail) if x is not None)
+    assert world.mean_ratio(20, 40) <= strict * 1.05
+    assert b.report()[-1] == f"{held} {b.verdict.deciding}"
+
+
+def test_the_canary_tail_weighs_slow_beats_more_than_the_mean() -> None:
+    b = Controller(limit=1.2, tail_limit=1.2, others=True)
+    for i in range(40):
+        b.beat(Beat(0.2 + 0.02 * i, 0.001, 0.002))
+    b.measuring = (0.0, 1.0)
+    b.hold(1.0)
+    for i in range(40):  # most beats as fast as before, a few much slower
+        b.beat(Beat(1.5 + 0.05 * i, 0.006 if i % 10 == 0 else 0.001, 0.002))
+    b._decided = -1.0
+    b.pause(3.5, BATCH)
+    assert b.verdict is not None and b.verdict.statistic == "tail"
+    assert b.verdict.deciding == "read"
+
+
+def test_reacts_within_a_second_when_the_load_arrives() -> None:
+    """At full speed on an idle server, a load arrives at 10 s: within a second the runner has
+    stopped working at full speed (it measures a baseline, then starts low)."""
+    world = World(Controller(limit=1.2), load=lambda t: 0.5 if t >= 10 else 0.0)
+    world.run(15)
+    busy_after = [s for s, _ in world.busy if 10.5 <= s < 12]
+    assert not busy_after  # held for its first window
+    assert world.mean_ratio(10.5, 15) <= 1.2 * 1.05
+    assert world.budget.duty < 1.0

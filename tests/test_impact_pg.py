@@ -16,10 +16,10 @@ import pytest
 from backfill import commands
 from backfill.checkpoint import BatchResult
 from backfill.errors import ConfigError
-from backfill.gates import PgProbe
 from backfill.job import parse_job
 from backfill.pgtemp import TempPostgres, find_bindir, has_module
 from backfill.protocols import Pause
+from backfill.throttling.probe import PgProbe
 from tests.conftest import (
     Database,
     create_template,

@@ -23,9 +23,9 @@ from backfill.errors import (
     Unavailable,
 )
 from backfill.loop import Loop, Policy
-from backfill.protocols import Pause
+from backfill.protocols import Decision, Pause, Reason
 from backfill.shutdown import Stop
-from backfill.throttle import Backoff
+from backfill.throttling.pacing import Backoff
 
 pytestmark = pytest.mark.anyio
 
@@ -36,10 +36,13 @@ class FixedSleep:
 
     seconds: float
 
-    async def next_pause(self, last: BatchResult | None) -> Pause | None:
+    async def decide(self, last: BatchResult | None) -> Decision:
         if last is None or self.seconds <= 0:
-            return None
-        return Pause(self.seconds, "sleep")
+            return Decision(None)
+        return Decision(Pause(self.seconds, Reason.SLEEP))
+
+    def runway(self) -> float:
+        return 0.0
 
 
 @dataclass

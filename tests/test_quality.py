@@ -30,14 +30,21 @@ def test_mypy_strict() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def _module(path: Path) -> str:
+    """``backfill/throttling/gates.py`` -> ``backfill.throttling.gates``."""
+    return ".".join(path.relative_to(REPO).with_suffix("").parts)
+
+
+def _is_module(name: str) -> bool:
+    return (REPO / (name.replace(".", "/") + ".py")).exists()
+
+
 def _imports(path: Path) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("backfill"):
             names = [f"{node.module}.{a.name}" for a in node.names]
-            found |= {n for n in names if (PACKAGE / f"{n.split('.')[-1]}.py").exists()} or {
-                node.module
-            }
+            found |= {n for n in names if _is_module(n)} or {node.module}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("backfill")}
     return {name for name in found if name != "backfill"}
@@ -45,8 +52,8 @@ def _imports(path: Path) -> set[str]:
 
 def test_no_import_cycles() -> None:
     graph = {
-        f"backfill.{p.stem}": {i for i in _imports(p) if i != f"backfill.{p.stem}"}
-        for p in PACKAGE.glob("*.py")
+        _module(p): {i for i in _imports(p) if i != _module(p)}
+        for p in PACKAGE.rglob("*.py")
         if p.stem not in ("__init__", "__main__")
     }
     state: dict[str, int] = {}
@@ -67,9 +74,10 @@ def test_no_import_cycles() -> None:
 
 def test_only_the_edge_imports_asyncpg() -> None:
     # The loop and its values talk to protocols; asyncpg stays at the edge.
-    for name in ("loop", "protocols", "checkpoint", "sizing", "throttle", "job", "errors",
-                 "progress", "observers", "shutdown", "control", "governor", "ratelimit",
-                 "impact", "canary"):
+    for name in ("loop", "protocols", "checkpoint", "sizing", "job", "errors", "progress",
+                 "observers", "shutdown", "control", "throttling/governor", "throttling/pacing",
+                 "throttling/gates", "throttling/impact", "throttling/statements",
+                 "throttling/canary"):
         tree = ast.parse((PACKAGE / f"{name}.py").read_text())
         modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

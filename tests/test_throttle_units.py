@@ -13,14 +13,14 @@ import pytest
 from backfill.checkpoint import BatchResult
 from backfill.control import Knobs, Live, merge, parse_assignments, resolve
 from backfill.errors import ConfigError
-from backfill.gates import CheckError, Gates
-from backfill.governor import Governor
-from backfill.impact import Verdict
 from backfill.job import parse_job
 from backfill.live import LIVE_KEYS
 from backfill.protocols import Pause
-from backfill.ratelimit import RateLimit
 from backfill.sizing import AdaptiveSizer
+from backfill.throttling.gates import CheckError, Gates
+from backfill.throttling.governor import Governor
+from backfill.throttling.impact import Judgment
+from backfill.throttling.pacing import RateLimit
 
 
 def job(**overrides: Any):  # type: ignore[no-untyped-def]
@@ -43,6 +43,13 @@ def drive(
         out.append((sizer.size, seconds))
         sizer.succeeded(seconds)
     return out
+
+
+@dataclass(frozen=True)
+class Sizing:
+    size: int
+    max_size: int
+    target_seconds: float | None
 
 
 def test_adaptive_sizer_converges_on_the_target() -> None:
@@ -81,12 +88,12 @@ def test_without_target_the_size_stays_fixed() -> None:
 
 def test_tune_switches_modes_live() -> None:
     sizer = AdaptiveSizer(700, 1, 100_000)
-    sizer.tune(size=700, max_size=100_000, target_seconds=0.1)
+    sizer.tune(Sizing(700, 100_000, 0.1))
     drive(sizer, 1e-5, 30)
     assert sizer.size > 5000
-    sizer.tune(size=700, max_size=3000, target_seconds=0.1)
+    sizer.tune(Sizing(700, 3000, 0.1))
     assert sizer.size == 3000
-    sizer.tune(size=500, max_size=3000, target_seconds=None)
+    sizer.tune(Sizing(500, 3000, None))
     assert {size for size, _ in drive(sizer, 1e-5, 5)} == {500}
 
 
@@ -136,6 +143,13 @@ def test_parse_and_merge_validate_every_value() -> None:
     assert merge({}, merged, parse_assignments(["batch.size=default"])) == {
         "paused": True, "throttle.max_replication_lag": 2.0, "limits.max_rows_per_second": None,
     }
+    # The tail guard is live-settable and validated like max_impact.
+    budgets = parse_assignments(["throttle.max_impact=20%", "throttle.max_tail_impact=50%"])
+    assert merge({}, {}, budgets) == {"throttle.max_impact": 0.2, "throttle.max_tail_impact": 0.5}
+    with pytest.raises(ConfigError, match=r"throttle\.max_tail_impact"):
+        parse_assignments(["throttle.max_tail_impact=2000%"])
+    knobs, problems = resolve(Knobs.from_job(job()), {"throttle.max_tail_impact": "50%"})
+    assert not problems and knobs.throttle.impact_limits() == (None, 1.5)
 
 
 @pytest.mark.parametrize(
@@ -232,11 +246,11 @@ async def wait_out(gov: Governor, clock: Clock, last: BatchResult | None) -> lis
     pauses = []
     if last is not None:
         gov.live.apply(last.control)
-    pause = await gov.next_pause(last)
+    pause = (await gov.decide(last)).pause
     while pause is not None and len(pauses) < 1000:
         pauses.append(pause)
         clock.now += pause.seconds
-        pause = await gov.next_pause(None)
+        pause = (await gov.decide(None)).pause
     return pauses
 
 
@@ -269,14 +283,14 @@ async def test_pause_holds_until_resumed_and_shows_its_state() -> None:
     clock, probe = Clock(), FakeProbe({"paused": True})
     gov = governor(probe, clock, batch={"sleep_seconds": 0.2}, throttle={"check_every": 0.5})
     gov.live.apply({"paused": True})
-    pause = await gov.next_pause(batch(control={"paused": True}))
+    pause = (await gov.decide(batch(control={"paused": True}))).pause
     assert pause == Pause(0.5, "paused")
     for _ in range(3):
         clock.now += 0.5
-        assert await gov.next_pause(None) == Pause(0.5, "paused")
+        assert (await gov.decide(None)).pause == Pause(0.5, "paused")
     probe.overrides = {}
     clock.now += 0.5
-    assert await gov.next_pause(None) is None
+    assert (await gov.decide(None)).pause is None
     assert probe.states == ["paused", "running"]
     assert probe.calls == ["control"] * 4
 
@@ -287,17 +301,17 @@ async def test_gate_checks_at_most_every_check_every_and_holds_with_its_reason()
     gov = governor(probe, clock, throttle={"check_every": 1, "max_replication_lag": 2})
     pauses = []
     for _ in range(4):
-        pause = await gov.next_pause(None)
+        pause = (await gov.decide(None)).pause
         assert pause is not None
         pauses.append(pause.reason)
         clock.now += pause.seconds
     assert pauses == ["replication_lag"] * 4 and probe.calls.count("lag") == 4
     probe.lag = 0.5
-    assert await gov.next_pause(None) is None
+    assert (await gov.decide(None)).pause is None
     calls = len(probe.calls)
     for _ in range(5):  # batches in quick succession: no check until check_every passed
         clock.now += 0.1
-        assert await gov.next_pause(batch()) is None
+        assert (await gov.decide(batch())).pause is None
     assert probe.calls[calls:] == []
     assert probe.states == ["throttled", "running"]
 
@@ -307,7 +321,7 @@ async def test_gate_checks_at_most_every_check_every_and_holds_with_its_reason()
 async def test_a_failing_check_pauses_or_is_ignored(policy: str, held: bool) -> None:
     clock, probe = Clock(), FakeProbe(healthy_value=CheckError("statement timeout"))
     gov = governor(probe, clock, throttle={"health_query": "SELECT true", "on_check_error": policy})
-    pause = await gov.next_pause(None)
+    pause = (await gov.decide(None)).pause
     assert (pause is not None and pause.reason == "health_query") is held
 
 
@@ -328,8 +342,9 @@ async def test_the_impact_budget_below_full_speed_is_throttled_said_once(
     gov = governor(probe, clock, throttle={"max_impact": "20%"})
     budget = gov.impact
     budget.others, budget.duty = True, 0.3  # a load is there, and the budget has cut the pace
-    budget.verdict = Verdict(ratio=1.5, deciding="write", current=0.0021, baseline=0.0014)
-    with caplog.at_level(logging.INFO, logger="backfill.governor"):
+    budget.verdict = Judgment(ratio=1.5, deciding="beat", current=0.0021, baseline=0.0014,
+                              limit=1.2, excess=2.5)
+    with caplog.at_level(logging.INFO, logger="backfill.throttling.governor"):
         for _ in range(5):  # batch after batch, each paced: one line, one state change
             pauses = await wait_out(gov, clock, batch(0.05))
             assert pauses and {p.reason for p in pauses} == {"impact"}
@@ -338,6 +353,6 @@ async def test_the_impact_budget_below_full_speed_is_throttled_said_once(
     assert probe.states == ["throttled", "running"]
     said = [r.getMessage() for r in caplog.records]
     assert said == [
-        "holding: impact 1.50 > 1.20, canary write 2.1 ms over baseline 1.4 ms, duty 30%",
+        "holding: typical impact 1.50 > 1.20, canary mean 2.1 ms over baseline 1.4 ms, duty 30%",
         "resumed",
     ]

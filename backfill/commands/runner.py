@@ -12,13 +12,11 @@ from typing import Any, TextIO
 
 import anyio
 
-from backfill import canary, governor
 from backfill.checkpoint import FAILED, INTERRUPTED, Checkpoint
 from backfill.connector import Identity, PgConnector
 from backfill.errors import BackfillError, Interrupted, RowError
 from backfill.estimate import FirstStart, estimate_progress
 from backfill.export import Exporter
-from backfill.gates import PgProbe
 from backfill.job import DONE_WORDS, Job
 from backfill.loop import Loop, Policy
 from backfill.metrics import RunMetrics
@@ -28,7 +26,8 @@ from backfill.protocols import Observer, Throttle
 from backfill.ranges import WHOLE, Shard
 from backfill.settings import ConnectParams, Telemetry
 from backfill.shutdown import Stop, stop_after, watch_signals
-from backfill.throttle import AllOf
+from backfill.throttling import canary, governor
+from backfill.throttling.probe import PgProbe
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +45,7 @@ def policy_for(job: Job) -> Policy:
         max_retries=job.limits.max_retries,
         connect_retry_seconds=job.limits.connect_retry_seconds,
         skip_bad_rows=job.on_row_error == "skip",
+        target_seconds=job.batch.target_seconds,
     )
 
 
@@ -101,14 +101,13 @@ async def run(
     probe = PgProbe(params, job, shard=shard.index)
     gov = governor.for_job(job, probe)
     if telemetry is not None:
-        metrics.watch(gov.impact, lambda: gov.live.knobs.throttle.max_impact is not None)
+        metrics.watch(gov.impact, lambda: gov.live.knobs.throttle.impact_budget)
     loop = Loop(
         policy_for(job),
         PgConnector(params, job, identity=identity(), shard=shard),
-        throttle=AllOf([gov, *throttles]),
+        throttle=governor.Throttles(gov, throttles),
         observer=Fanout(observers),
         stop=stop,
-        sizer=gov.live.sizer,
         control=gov.live,
     )
     outcome: Checkpoint | BaseException | None = None

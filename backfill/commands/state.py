@@ -65,7 +65,7 @@ class Impact:
     duty: float  # the share of the time the runner may spend in batches
     current_seconds: float | None
     baseline_seconds: float | None
-    deciding: str | None  # "read" or "write"
+    deciding: str | None  # "typical statements", "tail write" (before: "read", "write")
     age_seconds: float  # since that beat, by the database's clock
 
 

@@ -3,19 +3,25 @@ budget's second signal, where the extension is installed and readable.
 
 Pure: fed snapshots (per statement: its calls, and the sum and the sum of squares of its
 execution times so far) with their times, it answers how much slower the statements ran lately
-than during the runner's idle windows. Per statement it takes the tail of its times, their mean
-plus two standard deviations over the interval (from the differences of the sums: every call
-counts, not a sample, and a few slow ones show), lately over in the baseline; the index weighs
-these by each statement's share of the baseline's time, so that it is how much slower the
-application's usual work ran (a change of mix is not taken for a change of speed, and a slower
-COMMIT weighs by the time commits take). Statements must have run often enough in both. The
-runner's own statements never get here (``backfill.gates`` leaves them out).
+than during the runner's idle windows, on two statistics (from the differences of the sums:
+every call counts, not a sample):
+
+- ``typical``: per statement the mean of its times lately over in the baseline. Robust: a
+  window holds thousands of calls. What throughput and most users feel.
+- ``tail``: per statement its mean plus two standard deviations (a few slow calls show). A
+  proxy for a high percentile: the sums cannot give a percentile itself.
+
+Each index weighs its statements by their share of the baseline's time, so that it is how much
+slower the application's usual work ran (a change of mix is not taken for a change of speed,
+and a slower COMMIT weighs by the time commits take). Statements must have run often enough in
+both. The runner's own statements never get here (the probe connection leaves them out).
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 Sums = tuple[int, float, float]  # calls, total ms, total of squared ms
@@ -27,10 +33,16 @@ OUTLIER = 1.25  # an idle window this much slower than the pool of them is left 
 
 
 @dataclass(frozen=True, slots=True)
-class Index:
-    ratio: float  # the time-weighted mean of each statement's tail lately / in the baseline
-    current: float  # the time-weighted tail lately, seconds
+class Measure:
+    ratio: float  # the time-weighted mean of each statement's statistic lately / in the baseline
+    current: float  # the time-weighted statistic lately, seconds
     baseline: float  # and in the idle windows
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    typical: Measure  # each statement's mean
+    tail: Measure  # each statement's mean plus two standard deviations
 
 
 def _delta(first: Snapshot, last: Snapshot) -> Snapshot:
@@ -46,6 +58,11 @@ def _add(into: Snapshot, more: Snapshot) -> None:
     for q, (calls, total, squares) in more.items():
         c, t, s = into.get(q, (0, 0.0, 0.0))
         into[q] = (c + calls, t + total, s + squares)
+
+
+def _mean(sums: Sums) -> float:
+    """The mean, milliseconds."""
+    return sums[1] / sums[0]
 
 
 def _tail(sums: Sums) -> float:
@@ -104,7 +121,7 @@ def _strays(windows: list[Snapshot]) -> list[float]:
     out = []
     for i, w in enumerate(windows):
         found = _compare(_pool(windows[:i] + windows[i + 1:]), w) if len(windows) > 1 else None
-        out.append(1.0 if found is None else found.ratio)
+        out.append(1.0 if found is None else found.typical.ratio)
     return out if len(windows) > 1 else []
 
 
@@ -116,8 +133,13 @@ def _compare(base: Snapshot, now: Snapshot) -> Index | None:
     if time <= 0:
         return None
     weights = {q: base[q][1] / time for q in both}
-    tails = {q: (_tail(base[q]), _tail(now[q])) for q in both}
-    ratio = sum(w * tails[q][1] / max(tails[q][0], 1e-6) for q, w in weights.items())
-    current = sum(w * tails[q][1] for q, w in weights.items()) / 1000
-    baseline = sum(w * tails[q][0] for q, w in weights.items()) / 1000
-    return Index(ratio, current, baseline)
+
+    def measure(statistic: Callable[[Sums], float]) -> Measure:
+        pairs = {q: (statistic(base[q]), statistic(now[q])) for q in both}
+        return Measure(
+            ratio=sum(w * pairs[q][1] / max(pairs[q][0], 1e-6) for q, w in weights.items()),
+            current=sum(w * pairs[q][1] for q, w in weights.items()) / 1000,
+            baseline=sum(w * pairs[q][0] for q, w in weights.items()) / 1000,
+        )
+
+    return Index(typical=measure(_mean), tail=measure(_tail))

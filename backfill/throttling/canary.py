@@ -1,8 +1,8 @@
 """The impact budget's measurements, taken for as long as a run lasts on its probe connection
-and fed to its ``Budget``: the canary (a tiny read and a tiny committed write, 20 times a
+and fed to its ``Controller``: the canary (a tiny read and a tiny committed write, 20 times a
 second, 40 during an idle window, also while a batch runs) and whether other sessions are at
-work (every ``ACTIVITY_EVERY`` seconds). While the job sets no ``max_impact`` it only waits for
-one to be set (``backfill set``).
+work (every ``ACTIVITY_EVERY`` seconds). While the job sets no budget (``max_impact``,
+``max_tail_impact``) it only waits for one to be set (``backfill set``).
 
 A canary that cannot be taken (the role may not write ``backfill.canaries``, the connection is
 gone) is said once and marks the budget broken: the governor then holds the run or ignores
@@ -20,28 +20,30 @@ import anyio
 
 from backfill.control import Live
 from backfill.errors import one_line
-from backfill.impact import Beat, Budget
 from backfill.protocols import Probe
+from backfill.throttling.impact import Beat, Controller
 
 log = logging.getLogger(__name__)
 
-ACTIVITY_EVERY = 0.25  # seconds between looks at other sessions ...
-RECENT = 0.25  # ... which see a session at work when it ran a statement since the last look
+ACTIVITY_EVERY = 0.1  # seconds between looks at other sessions (a load that arrives is seen
+# within a few of them: the runner backs off within a fraction of a second) ...
+RECENT = 0.1  # ... which see a session at work when it ran a statement since the last look
+STATEMENTS_EVERY = 0.25  # seconds between reads of pg_stat_statements (a heavier query)
 
 
 async def measure(
-    probe: Probe, live: Live, budget: Budget, *, clock: Callable[[], float] = time.monotonic
+    probe: Probe, live: Live, budget: Controller, *, clock: Callable[[], float] = time.monotonic
 ) -> None:
     """Run until cancelled."""
-    looked = -RECENT
+    looked = read_at = -RECENT
     hidden_said = statements_said = False
     while True:
         t = live.knobs.throttle
-        if t.max_impact is None:
+        if not t.impact_budget:
             budget.broken = None
             await anyio.sleep(t.check_every)
             continue
-        budget.retune(1.0 + t.max_impact)
+        budget.retune(*t.impact_limits())
         now = clock()
         try:
             read, write = await probe.beat(budget.report())
@@ -57,8 +59,9 @@ async def measure(
                         extra={"job": live.job, "hidden": hidden},
                     )
                 budget.activity(clock(), True if active else None if hidden else False)
-                if not statements_said:
-                    statements_said = await _statements(probe, budget, live.job, clock)
+            if not statements_said and now - read_at >= STATEMENTS_EVERY:
+                read_at = now
+                statements_said = await _statements(probe, budget, live.job, clock)
         except Exception as exc:
             if budget.broken is None:
                 log.warning(
@@ -75,7 +78,7 @@ async def measure(
 
 
 async def _statements(
-    probe: Probe, budget: Budget, job: str, clock: Callable[[], float]
+    probe: Probe, budget: Controller, job: str, clock: Callable[[], float]
 ) -> bool:
     """Feed a snapshot of ``pg_stat_statements`` to the budget; True once there is something
     to say for good (it is not installed, or hides other roles' statements, or fails): from

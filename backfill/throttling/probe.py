@@ -1,103 +1,26 @@
-"""Health gates: reasons to hold the next batch while the database is struggling.
-
-``Gates`` decides from measurements (pure; unit-tested through a fake ``Probe``). ``PgProbe``
-takes them on the runner's small second connection, each query under a short statement timeout
-(``[throttle] check_timeout``); it is the one module of the throttles that imports asyncpg. It
-connects lazily: a run without gates that is never paused never opens it.
+"""The probe connection: the runner's small second connection, on which the health gates,
+live control while no batch runs, the shown state and the impact budget's measurements are
+taken, each query under a short statement timeout (``[throttle] check_timeout``). It is the
+one module of the throttles that imports asyncpg. It connects lazily: a run without gates that
+is never paused never opens it.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import asyncpg
 
 from backfill import sql
-from backfill.control import Knobs
-from backfill.errors import one_line
 from backfill.job import Job
 from backfill.pg import Budget, connect
-from backfill.protocols import Probe
 from backfill.settings import ConnectParams
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """A gate that holds the next batch: its throttle reason and what it saw."""
-
-    reason: str
-    detail: str
-
-
-class CheckError(Exception):
-    """A gate's check could not be made (its message says why)."""
-
-
-@dataclass
-class Gates:
-    probe: Probe
-    job: str
-    _failing: set[str] = field(default_factory=set)  # gates whose check fails (logged once)
-
-    @staticmethod
-    def enabled(knobs: Knobs) -> bool:
-        t = knobs.throttle
-        limits = (t.max_replication_lag, t.max_slot_lag_bytes, t.max_active_sessions)
-        return t.health_query is not None or any(limit is not None for limit in limits)
-
-    async def check(self, knobs: Knobs) -> Verdict | None:
-        """The first gate that holds, or None to go on. A check that fails holds too, unless
-        ``on_check_error = "ignore"``."""
-        t = knobs.throttle
-        gates: list[tuple[str, Any, Callable[[], Awaitable[Any]]]] = [
-            ("replication_lag", t.max_replication_lag, self.probe.replication_lag),
-            ("slot_lag", t.max_slot_lag_bytes, self.probe.slot_lag_bytes),
-            ("active_sessions", t.max_active_sessions, self.probe.active_sessions),
-            ("health_query", t.health_query, self.probe.healthy),
-        ]
-        for reason, limit, measure in gates:
-            if limit is None:
-                continue
-            try:
-                value = await measure()
-            except Exception as exc:
-                detail = f"check failed: {one_line(exc)}"
-                if reason not in self._failing:
-                    self._failing.add(reason)
-                    log.warning(
-                        "health check failed",
-                        extra={"job": self.job, "gate": reason, "error": one_line(exc),
-                               "on_check_error": t.on_check_error},
-                    )
-                if t.on_check_error == "ignore":
-                    continue
-                return Verdict(reason, detail)
-            if reason in self._failing:
-                self._failing.discard(reason)
-                log.info("health check works again", extra={"job": self.job, "gate": reason})
-            if reason == "health_query":
-                if value is not True:
-                    return Verdict(reason, "health_query returned false")
-            elif value > limit:
-                return Verdict(reason, _over(reason, value, limit))
-        return None
-
-
-def _over(reason: str, value: float, limit: float) -> str:
-    if reason == "replication_lag":
-        return f"standby replay lag {value:.1f}s > {limit:g}s"
-    if reason == "slot_lag":
-        return f"a logical slot retains {value / 2**20:.1f} MiB of WAL > {limit / 2**20:.1f} MiB"
-    return f"{value:g} active sessions > {limit:g}"
+from backfill.throttling.gates import CheckError
 
 
 class PgProbe:
@@ -185,7 +108,7 @@ class PgProbe:
     async def set_state(self, state: str) -> None:
         async with self._turn:
             conn = await self._connection()
-            with anyio.fail_after(self.budget.statement_timeout + 2):
+            with self._guard(conn):
                 await conn.execute(sql.SHOW_STATE, self.job.name, self.shard, state)
 
     async def beat(self, report: Sequence[object]) -> tuple[float, float]:

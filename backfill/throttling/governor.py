@@ -5,7 +5,7 @@ In order of precedence, the next batch waits for
 1. ``paused``: an operator's ``backfill pause`` (until ``backfill resume``);
 2. the health gates (``replication_lag``, ``slot_lag``, ``active_sessions``, ``health_query``),
    checked at most every ``check_every`` and re-checked every ``check_every`` while one holds;
-3. ``impact``, while the impact budget (``max_impact``, ``backfill.impact``) measures its
+3. ``impact``, while the impact budget (``max_impact``, ``max_tail_impact``) measures its
    baseline with the runner idle, or cannot measure (and ``on_check_error`` is "pause");
 4. pacing: ``sleep`` (``max(sleep_seconds, sleep_ratio x last batch's duration)`` after each
    batch), ``rate_limit`` (``max_rows_per_second``) or ``impact`` (the duty cycle the budget
@@ -27,20 +27,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
-from backfill.checkpoint import PAUSED, RUNNING, THROTTLED, BatchResult
+from backfill.checkpoint import BatchResult, State
 from backfill.control import Knobs, Live
-from backfill.gates import Gates, Verdict
-from backfill.impact import Budget, describe
 from backfill.job import Job
-from backfill.protocols import Pause, Probe
-from backfill.ratelimit import RateLimit
-from backfill.sizing import AdaptiveSizer
+from backfill.protocols import Decision, Pause, Probe, Reason, Throttle
+from backfill.throttling.gates import Gates, Hold
+from backfill.throttling.impact import Controller, describe
+from backfill.throttling.pacing import RateLimit
 
 log = logging.getLogger(__name__)
 
-HOLDING = ("paused", "replication_lag", "slot_lag", "active_sessions", "health_query")
+HOLDING = (Reason.PAUSED, Reason.REPLICATION_LAG, Reason.SLOT_LAG, Reason.ACTIVE_SESSIONS,
+           Reason.HEALTH_QUERY)
 EPSILON = 0.001  # shorter waits are not worth a pause
 
 
@@ -58,18 +59,20 @@ class Governor:
         self.gates = gates
         self.clock = clock
         self.rate = RateLimit()
-        # The impact budget, fed by backfill.canary while ``[throttle] max_impact`` is set.
-        self.impact = Budget(limit=1.0 + (live.knobs.throttle.max_impact or 0.0))
+        # The impact budget, fed by the canary while ``[throttle]`` sets a budget.
+        self.impact = Controller(*live.knobs.throttle.impact_limits())
         self._batch_end: float | None = None  # when the last committed batch came back
         self._batch_seconds = 0.0
         self._checked_at = -math.inf
-        self._verdict: Verdict | None = None
+        self._hold: Hold | None = None
         self._waiting = False
-        self._holding: str | None = None  # what holds the runner now (HOLDING, or impact)
+        self._holding: Reason | None = None  # what holds the runner now (HOLDING, or impact)
         self._holding_since = 0.0
         self._poll_failing = False
 
-    async def next_pause(self, last: BatchResult | None) -> Pause | None:
+    async def decide(self, last: BatchResult | None) -> Decision:
+        """What to do before the next batch; ``last`` is the batch (or group) just committed,
+        None when asked again after a pause."""
         now = self.clock()
         knobs = self.live.knobs
         if last is not None:
@@ -81,12 +84,13 @@ class Governor:
         elif self._waiting and now - self.live.fresh_at >= knobs.throttle.check_every - EPSILON:
             await self._poll()
             knobs = self.live.knobs
-        pause = await self._hold(knobs) or self._pace(knobs)
-        if (sizer := self.live.sizer) is not None:
-            sizer.cap = self.impact.batch_cap(sizer.size) if self._measured(knobs) else None
-        await self._note(pause, knobs)
+        pause = await self._held(knobs) or self._pace(knobs)
+        holding = await self._note(pause, knobs)
         self._waiting = pause is not None
-        return pause
+        state = State.PAUSED if holding == Reason.PAUSED else (
+            State.THROTTLED if holding else State.RUNNING)
+        share = self.impact.batch_share() if self._measured(knobs) else None
+        return Decision(pause, share=share, state=state, holding=holding)
 
     def runway(self) -> float:
         """How long the runner may go on without asking: not at all while something paces
@@ -107,23 +111,23 @@ class Governor:
         """Whether the impact budget paces the run: it is set, and measuring (or, when it
         cannot, ``on_check_error`` is "pause", which then holds the run)."""
         t = knobs.throttle
-        return t.max_impact is not None and (
+        return t.impact_budget and (
             self.impact.broken is None or t.on_check_error == "pause"
         )
 
-    async def _hold(self, knobs: Knobs) -> Pause | None:
+    async def _held(self, knobs: Knobs) -> Pause | None:
         every = knobs.throttle.check_every
         if knobs.paused:
-            return Pause(every, "paused")
+            return Pause(every, Reason.PAUSED)
         if self.gates is None or not self.gates.enabled(knobs):
-            self._verdict = None
+            self._hold = None
             return self._window(knobs)
         if self.clock() - self._checked_at >= every - EPSILON:
-            self._verdict = await self.gates.check(knobs)
+            self._hold = await self.gates.check(knobs)
             self._checked_at = self.clock()
-        if self._verdict is None:
+        if self._hold is None:
             return self._window(knobs)
-        return Pause(max(EPSILON, self._checked_at + every - self.clock()), self._verdict.reason)
+        return Pause(max(EPSILON, self._checked_at + every - self.clock()), self._hold.reason)
 
     def _window(self, knobs: Knobs) -> Pause | None:
         """The impact budget holds the run while it measures its baseline, or while it cannot
@@ -132,9 +136,9 @@ class Governor:
             return None
         every = knobs.throttle.check_every
         if self.impact.broken is not None:
-            return Pause(every, "impact")
+            return Pause(every, Reason.IMPACT)
         hold = self.impact.hold(self.clock())
-        return Pause(min(hold, every), "impact") if hold else None
+        return Pause(min(hold, every), Reason.IMPACT) if hold else None
 
     def _pace(self, knobs: Knobs) -> Pause | None:
         now = self.clock()
@@ -147,7 +151,9 @@ class Governor:
         impact = 0.0
         if self._batch_end is not None and self._measured(knobs):
             impact = self._batch_end + self.impact.pause(now, self._batch_seconds) - now
-        seconds, reason = max((sleep, "sleep"), (rate, "rate_limit"), (impact, "impact"))
+        seconds, reason = max(
+            (sleep, Reason.SLEEP), (rate, Reason.RATE_LIMIT), (impact, Reason.IMPACT)
+        )
         if seconds < EPSILON:
             return None
         return Pause(min(seconds, knobs.throttle.check_every), reason)
@@ -168,14 +174,13 @@ class Governor:
         self._poll_failing = False
         self.live.apply(overrides)
 
-    async def _note(self, pause: Pause | None, knobs: Knobs) -> None:
+    async def _note(self, pause: Pause | None, knobs: Knobs) -> Reason | None:
+        """What holds the run now (said once per change, and shown in the checkpoint)."""
         holding = pause.reason if pause is not None and pause.reason in HOLDING else None
-        if holding is None and self._measured(knobs) and (
-            self.impact.broken is not None or (not self.impact.idle and self.impact.duty < 1.0)
-        ):
-            holding = "impact"  # below full speed for the budget: throttled, not each pause
+        if holding is None and self._measured(knobs) and self.impact.holding:
+            holding = Reason.IMPACT  # below full speed for the budget: throttled, not each pause
         if holding == self._holding:
-            return
+            return holding
         now, job = self.clock(), self.live.job
         if holding is None:
             log.info(
@@ -183,7 +188,7 @@ class Governor:
                 extra={"job": job, "held_by": self._holding,
                        "seconds": round(now - self._holding_since, 3)},
             )
-        elif holding == "impact":
+        elif holding == Reason.IMPACT:
             log.warning(
                 "holding: " + (
                     f"the impact budget cannot measure ({self.impact.broken})"
@@ -191,19 +196,23 @@ class Governor:
                 ),
                 extra={"job": job, "reason": holding},
             )
-        elif holding == "paused":
+        elif holding == Reason.PAUSED:
             log.warning(
                 "paused by an operator", extra={"job": job, "resume": f"backfill resume {job}"}
             )
         else:
-            detail = self._verdict.detail if self._verdict is not None else ""
+            detail = self._hold.detail if self._hold is not None else ""
             log.warning(
                 "held by a health gate", extra={"job": job, "reason": holding, "detail": detail}
             )
         self._holding, self._holding_since = holding, now
-        await self._show(PAUSED if holding == "paused" else THROTTLED if holding else RUNNING)
+        await self._show(
+            State.PAUSED if holding == Reason.PAUSED else
+            State.THROTTLED if holding else State.RUNNING
+        )
+        return holding
 
-    async def _show(self, state: str) -> None:
+    async def _show(self, state: State) -> None:
         if self.probe is None:
             return
         try:
@@ -213,9 +222,30 @@ class Governor:
 
 
 def for_job(job: Job, probe: Probe | None) -> Governor:
-    """The governor for a run of ``job``, with its live settings (``governor.live``) and the
-    sizer they tune (``governor.live.sizer``): both go to the loop too."""
-    b = job.batch
-    sizer = AdaptiveSizer(b.size, b.min_size, b.max_size, target_seconds=b.target_seconds)
-    live = Live(Knobs.from_job(job), job=job.name, sizer=sizer)
+    """The governor for a run of ``job``, with its live settings (``governor.live``: they go
+    to the loop too, as its control sink)."""
+    live = Live(Knobs.from_job(job), job=job.name)
     return Governor(live, probe=probe, gates=Gates(probe, job.name) if probe is not None else None)
+
+
+@dataclass(slots=True)
+class Throttles:
+    """The governor, and throttles of the caller's (``run(throttles=...)``) asked after it:
+    the longest pause any of them wants, with the governor's ceiling and state."""
+
+    governor: Governor
+    others: Sequence[Throttle] = ()
+
+    async def decide(self, last: BatchResult | None) -> Decision:
+        decision = await self.governor.decide(last)
+        pauses = [p for t in self.others if (p := await t.next_pause(last)) is not None]
+        if decision.pause is not None:
+            pauses.append(decision.pause)
+        return replace(decision, pause=max(pauses, key=lambda p: p.seconds, default=None))
+
+    def runway(self) -> float:
+        """The governor's, unless another throttle wants every batch (one that cannot say)."""
+        runways = [getattr(t, "runway", None) for t in self.others]
+        if not all(callable(r) for r in runways):
+            return 0.0
+        return min([self.governor.runway(), *(float(r()) for r in runways if callable(r))])
