@@ -19,4 +19,5 @@ LIVE_KEYS = (
     "throttle.max_active_sessions",
     "throttle.on_check_error",
     "throttle.max_impact",
+    "throttle.max_tail_impact",
 )
