@@ -24,8 +24,9 @@ from backfill.live import LIVE_KEYS
 
 if TYPE_CHECKING:
     from backfill import commands
+    from backfill.conninfo import ConnectParams
     from backfill.job import Job
-    from backfill.settings import ConnectParams, Telemetry
+    from backfill.settings import Telemetry
 
 app = typer.Typer(
     add_completion=False,

@@ -15,6 +15,7 @@ import asyncpg
 
 from backfill import __version__, catalog, ranges, sql
 from backfill.checkpoint import Checkpoint, to_checkpoint
+from backfill.conninfo import ConnectParams
 from backfill.control import file_settings
 from backfill.errors import (
     ConfigError,
@@ -28,7 +29,6 @@ from backfill.job import Job
 from backfill.pg import POOLER_HINT, Budget, connect, translate
 from backfill.ranges import WHOLE, Shard
 from backfill.session import CLOSE_BUDGET, PgSession
-from backfill.settings import ConnectParams
 from backfill.sql import Change, Target
 
 log = logging.getLogger(__name__)

@@ -15,10 +15,11 @@ import asyncpg
 from pydantic import SecretStr
 
 from backfill import commands
+from backfill.conninfo import ConnectParams
 from backfill.errors import Unavailable
 from backfill.job import Job, parse_job
 from backfill.pgtemp import ServerUnavailable, TempPostgres, free_port
-from backfill.settings import DEFAULT_METRICS_PORT, ConnectParams, Telemetry
+from backfill.settings import DEFAULT_METRICS_PORT, Telemetry
 
 TABLE = """
 CREATE TABLE public.users (

@@ -21,11 +21,11 @@ import anyio
 from backfill import catalog, sql
 from backfill.checkpoint import SUCCEEDED, Checkpoint, key_param
 from backfill.connector import open_connection
+from backfill.conninfo import ConnectParams
 from backfill.job import Job
 from backfill.observers import Quiet
 from backfill.pg import CLIENT_SLACK
 from backfill.progress import KeyEstimate, Tracker, fraction
-from backfill.settings import ConnectParams
 
 log = logging.getLogger(__name__)
 

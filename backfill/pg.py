@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from backfill import sql
+from backfill.conninfo import ConnectParams
 from backfill.errors import (
     BackfillError,
     BatchFailure,
@@ -22,7 +23,6 @@ from backfill.errors import (
     StatementTimeout,
     Superseded,
 )
-from backfill.settings import ConnectParams
 
 log = logging.getLogger(__name__)
 

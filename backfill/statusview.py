@@ -22,11 +22,11 @@ from rich.text import Text
 from backfill import commands, control
 from backfill.checkpoint import FAILED, PAUSED, RUNNING, SUCCEEDED, THROTTLED, show_key
 from backfill.commands import Rate, Status
+from backfill.conninfo import ConnectParams
 from backfill.errors import BackfillError, ConfigError
 from backfill.job import DONE_WORDS
 from backfill.live import LIVE_KEYS
 from backfill.progress import fraction, human_seconds
-from backfill.settings import ConnectParams
 from backfill.throttling.impact import describe
 
 STALE = 60.0  # a running shard whose last commit is older than this: is its runner alive?

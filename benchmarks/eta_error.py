@@ -24,12 +24,12 @@ from pydantic import SecretStr
 
 from backfill import commands
 from backfill.checkpoint import BatchResult, Checkpoint
+from backfill.conninfo import ConnectParams
 from backfill.job import parse_job
 from backfill.observers import Quiet
 from backfill.pgtemp import TempPostgres
 from backfill.progress import Tracker
 from backfill.protocols import Pause
-from backfill.settings import ConnectParams
 
 SEED = """
 CREATE TABLE public.users (

@@ -21,9 +21,9 @@ from pydantic import SecretStr
 
 from backfill import commands
 from backfill.checkpoint import BatchResult
+from backfill.conninfo import ConnectParams
 from backfill.errors import BackfillError, Interrupted
 from backfill.job import Job, parse_job
-from backfill.settings import ConnectParams
 from benchmarks.db import SET_, WHERE, Bench
 from benchmarks.sample import Sample
 

@@ -18,8 +18,8 @@ import pytest
 from pydantic import SecretStr
 
 from backfill import sql
+from backfill.conninfo import ConnectParams
 from backfill.pgtemp import TempPostgres
-from backfill.settings import ConnectParams
 
 REPO = Path(__file__).resolve().parent.parent
 _counter = itertools.count()

@@ -16,10 +16,10 @@ from pydantic import SecretStr
 
 from backfill import commands, session
 from backfill.checkpoint import Checkpoint
+from backfill.conninfo import ConnectParams
 from backfill.errors import ConfigError
 from backfill.job import parse_job
 from backfill.ranges import Shard
-from backfill.settings import ConnectParams
 from tests.conftest import Database, write_job
 from tests.faults.harness import Recorder, cli
 from tests.shapes import (

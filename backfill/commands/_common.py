@@ -8,9 +8,9 @@ from typing import TypeVar
 
 import asyncpg
 
+from backfill.conninfo import ConnectParams
 from backfill.errors import BackfillError, ConfigError, DataFailure, Unavailable
 from backfill.pg import Budget, connect, translate
-from backfill.settings import ConnectParams
 
 T = TypeVar("T")
 ADMIN_BUDGET = Budget(statement_timeout=30.0, lock_timeout=5.0)

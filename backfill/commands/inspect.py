@@ -13,9 +13,9 @@ from backfill import catalog, ranges, sql
 from backfill.checkpoint import to_checkpoint
 from backfill.commands._common import guard
 from backfill.connector import check_fragments, open_connection
+from backfill.conninfo import ConnectParams
 from backfill.errors import ConfigError
 from backfill.job import Job
-from backfill.settings import ConnectParams
 
 
 @dataclass(frozen=True, slots=True)

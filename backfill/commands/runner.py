@@ -14,6 +14,7 @@ import anyio
 
 from backfill.checkpoint import FAILED, INTERRUPTED, Checkpoint
 from backfill.connector import Identity, PgConnector
+from backfill.conninfo import ConnectParams
 from backfill.errors import BackfillError, Interrupted, RowError
 from backfill.estimate import FirstStart, estimate_progress
 from backfill.export import Exporter
@@ -24,7 +25,7 @@ from backfill.observers import Fanout, LogLines, Progress
 from backfill.progress import Tracker
 from backfill.protocols import Observer, Throttle
 from backfill.ranges import WHOLE, Shard
-from backfill.settings import ConnectParams, Telemetry
+from backfill.settings import Telemetry
 from backfill.shutdown import Stop, stop_after, watch_signals
 from backfill.throttling import canary, governor
 from backfill.throttling.probe import PgProbe

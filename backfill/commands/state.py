@@ -14,9 +14,9 @@ from backfill import control, sql
 from backfill.checkpoint import Checkpoint, to_checkpoint
 from backfill.commands._common import admin, guard
 from backfill.connector import require_state_schema, schema_version, take_lock
+from backfill.conninfo import ConnectParams
 from backfill.progress import run_rate
 from backfill.ranges import CREATING
-from backfill.settings import ConnectParams
 
 log = logging.getLogger(__name__)
 

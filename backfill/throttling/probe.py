@@ -17,9 +17,9 @@ import anyio
 import asyncpg
 
 from backfill import sql
+from backfill.conninfo import ConnectParams
 from backfill.job import Job
 from backfill.pg import Budget, connect
-from backfill.settings import ConnectParams
 from backfill.throttling.gates import CheckError
 
 

@@ -15,8 +15,8 @@ from pydantic import SecretStr
 
 from backfill import commands
 from backfill.checkpoint import BatchResult
+from backfill.conninfo import ConnectParams
 from backfill.job import parse_job
-from backfill.settings import ConnectParams
 from tests.conftest import Database, seed_users, users_job, write_job
 
 from .harness import Cli, Hook, Recorder, checkpoint_is_exact, cli, exactly_once

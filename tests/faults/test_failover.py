@@ -21,10 +21,10 @@ import pytest
 from pydantic import SecretStr
 
 from backfill.connector import Identity, PgConnector
+from backfill.conninfo import ConnectParams
 from backfill.errors import ConnectionLost
 from backfill.job import parse_job
 from backfill.pgtemp import TempPostgres
-from backfill.settings import ConnectParams
 from tests.conftest import (
     Database,
     create_template,

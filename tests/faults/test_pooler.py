@@ -20,10 +20,10 @@ import pytest
 from pydantic import SecretStr
 
 from backfill.connector import Identity, PgConnector
+from backfill.conninfo import ConnectParams
 from backfill.errors import ConfigError
 from backfill.job import parse_job
 from backfill.pgtemp import TempPostgres
-from backfill.settings import ConnectParams
 from tests.conftest import Database, seed_users, users_job, write_job
 
 from .harness import cli, exactly_once
