@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import anyio
 
@@ -85,12 +85,12 @@ async def estimate_progress(
     params: ConnectParams,
     job: Job,
     first: FirstStart,
-    trackers: Sequence[Tracker],
+    tracker: Tracker,
     *,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Wait for the run's first checkpoint; when its keys need it, give ``trackers`` an
-    estimate. Best effort: a failure is logged and progress stays unknown."""
+    """Wait for the run's first checkpoint; when its keys need it, give the run's ``tracker``
+    an estimate. Best effort: a failure is logged and progress stays unknown."""
     await first.event.wait()
     checkpoint = first.checkpoint
     if checkpoint is None or not needs_estimate(checkpoint):
@@ -113,7 +113,5 @@ async def estimate_progress(
         "progress estimated from a page sample",
         extra={"job": job.name, "keys": round(estimate.total), "done": round(estimate.done)},
     )
-    now = clock()
-    for tracker in trackers:
-        tracker.use_estimate(estimate, now)
+    tracker.use_estimate(estimate, clock())
 

@@ -56,6 +56,8 @@ NAN = math.nan
 class RunMetrics:
     """An ``Observer`` that turns a run's events into Prometheus metrics.
 
+    Progress, remaining rows and ETA come from ``tracker``, the run's one ``Tracker``, which the
+    run's ``observers.Progress`` keeps current: it must hear each event before this does.
     ``finish`` records how the run ended (``commands.run`` calls it whatever happened, also
     when the loop failed before it could report a state).
     """
@@ -67,15 +69,13 @@ class RunMetrics:
         table: str,
         shard: int = 0,
         shape: str = "update",
-        tracker: Tracker | None = None,
+        tracker: Tracker,
         clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.job = job
         self.shard = str(shard)
-        self.tracker = tracker or Tracker()
+        self.tracker = tracker
         self.clock = clock
-        self.monotonic = monotonic
         self.opened = False  # a session opened: this run held the job's lock
         self.current_state = ""
         self._pending: BatchFailure | None = None  # a rolled-back attempt not yet resolved
@@ -236,7 +236,6 @@ class RunMetrics:
         self.opened = True
         if self._rows_base is None:
             self._rows_base = checkpoint.rows_updated
-        self.tracker.start(checkpoint, self.monotonic())
         self._refresh()
 
     def committed(self, result: BatchResult) -> None:
@@ -247,7 +246,6 @@ class RunMetrics:
             self.duration.labels(*ids).observe(result.seconds)
         self.batch_size.labels(*ids).set(result.size)
         self.last_commit.labels(*ids).set(self.clock())
-        self.tracker.commit(result, self.monotonic())
         # Rows count once the checkpoint holds more than it ever did: after a server crash lost
         # the last batches it had acknowledged (unflushed commits), the session restarts the
         # tracker from the checkpoint, and the redone batches' rows were counted already.

@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from backfill.checkpoint import BatchResult, Checkpoint
 from backfill.errors import StatementTimeout
 from backfill.metrics import RunMetrics
+from backfill.observers import Fanout, Progress
 from backfill.pgtemp import free_port
+from backfill.progress import Tracker
 from backfill.protocols import Pause
 from backfill.throttling.impact import Controller
 
@@ -33,15 +35,25 @@ RULES = REPO / "k8s" / "alerts" / "backfill-rules.yaml"
 RULE_TESTS = REPO / "k8s" / "alerts" / "backfill-rules.test.yaml"
 
 
+def metrics_of_a_run(
+    *, monotonic: Callable[[], float] = time.monotonic, **kwargs: Any
+) -> tuple[RunMetrics, Fanout]:
+    """``RunMetrics`` as ``commands.run`` wires it: behind the ``Progress`` that keeps the run's
+    tracker. Send the run's events to the ``Fanout``."""
+    progress = Progress(Tracker(), clock=monotonic)
+    metrics = RunMetrics(tracker=progress.tracker, **kwargs)
+    return metrics, Fanout([progress, metrics])
+
+
 def exported_names() -> set[str]:
     """Every sample name the runner's endpoint can serve (with _bucket, _total, ...)."""
-    m = RunMetrics(job="j", table="t")
+    m, run = metrics_of_a_run(job="j", table="t")
     m.watch(Controller(limit=1.2), lambda: True)  # the impact budget's series too
-    m.started(Checkpoint(job="j", shard=0, shards=1, fingerprint="f", state="running",
-                         range_lo=("1",), range_hi=("9",), cursor=None))
-    m.committed(BatchResult(cursor=("2",), rows=1, size=1, seconds=0.1))
-    m.failed(StatementTimeout("slow"), cursor=("2",), size=1)
-    m.throttled(Pause(1.0, "sleep"))
+    run.started(Checkpoint(job="j", shard=0, shards=1, fingerprint="f", state="running",
+                           range_lo=("1",), range_hi=("9",), cursor=None))
+    run.committed(BatchResult(cursor=("2",), rows=1, size=1, seconds=0.1))
+    run.failed(StatementTimeout("slow"), cursor=("2",), size=1)
+    run.throttled(Pause(1.0, "sleep"))
     m.finish("succeeded")
     text = generate_latest(m.served).decode()
     return {s.name for f in text_string_to_metric_families(text) for s in f.samples}

@@ -28,6 +28,7 @@ from backfill.pgtemp import free_port
 from backfill.progress import KeyEstimate, Tracker, run_rate
 from backfill.protocols import Pause
 from backfill.settings import Telemetry, TelemetrySettings
+from tests.observability import metrics_of_a_run
 
 
 class Clock:
@@ -65,32 +66,32 @@ def value(metrics: RunMetrics, name: str, **labels: str) -> float:
     return samples(metrics)[key]
 
 
-
 def test_rows_a_crash_lost_are_counted_once_when_redone() -> None:
     """A server crash can lose the last batches it acknowledged (unflushed commits) with their
     checkpoint: the next session starts from less than the runner counted, and redoes them."""
-    m = RunMetrics(job="users", table="public.users")
-    m.started(checkpoint(cursor=("100",), rows_updated=50, batches=1))  # an earlier run's
+    m, run = metrics_of_a_run(job="users", table="public.users")
+    run.started(checkpoint(cursor=("100",), rows_updated=50, batches=1))  # an earlier run's
     for cursor in (200, 300, 400):
-        m.committed(batch(cursor, rows=100))
+        run.committed(batch(cursor, rows=100))
     assert value(m, "backfill_rows_updated_total") == 300
-    m.started(checkpoint(cursor=("200",), rows_updated=150, batches=2))  # 300 and 400 lost
+    run.started(checkpoint(cursor=("200",), rows_updated=150, batches=2))  # 300 and 400 lost
     for cursor, counted in ((300, 300), (400, 300), (500, 400)):
-        m.committed(batch(cursor, rows=100))
+        run.committed(batch(cursor, rows=100))
         assert value(m, "backfill_rows_updated_total") == counted
     assert m.tracker.rows - 50 == 400  # the checkpoint's rows, less the earlier run's
 
+
 def test_counts_what_happened() -> None:
     clock, mono = Clock(), Clock(0.0)
-    m = RunMetrics(job="users", table="public.users", clock=clock, monotonic=mono)
-    m.started(checkpoint())
-    m.state("running")
+    m, run = metrics_of_a_run(job="users", table="public.users", clock=clock, monotonic=mono)
+    run.started(checkpoint())
+    run.state("running")
     for i in range(1, 4):
         mono.now += 1
         clock.now += 1
-        m.committed(batch(100 * i, rows=90 + i, seconds=0.02 * i))
-    m.throttled(Pause(0.5, "sleep"))
-    m.throttled(Pause(2.0, "replication_lag"))
+        run.committed(batch(100 * i, rows=90 + i, seconds=0.02 * i))
+    run.throttled(Pause(0.5, "sleep"))
+    run.throttled(Pause(2.0, "replication_lag"))
     assert value(m, "backfill_rows_updated_total") == 91 + 92 + 93  # what UPDATE reported
     assert value(m, "backfill_batches_total", outcome="committed") == 3
     assert value(m, "backfill_batch_duration_seconds_count") == 3
@@ -116,10 +117,10 @@ def test_counts_what_happened() -> None:
 
 
 def test_labels_never_carry_keys() -> None:
-    m = RunMetrics(job="users", table="public.users", shard=3)
-    m.started(checkpoint(shard=3, range_lo=("a-secret-key",), range_hi=("zz",)))
-    m.failed(DataFailure("bad row"), cursor=("a-secret-key",), size=10)
-    m.skipped(("a-secret-key",))
+    m, run = metrics_of_a_run(job="users", table="public.users", shard=3)
+    run.started(checkpoint(shard=3, range_lo=("a-secret-key",), range_hi=("zz",)))
+    run.failed(DataFailure("bad row"), cursor=("a-secret-key",), size=10)
+    run.skipped(("a-secret-key",))
     text = generate_latest(m.served).decode()
     assert "a-secret-key" not in text
     names = {ln for _, labels in samples(m) for ln, _ in labels}
@@ -128,13 +129,13 @@ def test_labels_never_carry_keys() -> None:
 
 
 def test_retried_and_failed_attempts() -> None:
-    m = RunMetrics(job="users", table="t")
-    m.started(checkpoint())
-    m.failed(StatementTimeout("slow"), cursor=None, size=100)
-    m.throttled(Pause(0.1, "backoff"))
-    m.committed(batch(50, rows=50, size=50))  # the retry, smaller
-    m.failed(Contention("locked", reason="lock_timeout"), cursor=("50",), size=50)
-    m.failed(Contention("locked", reason="lock_timeout"), cursor=("50",), size=50)
+    m, run = metrics_of_a_run(job="users", table="t")
+    run.started(checkpoint())
+    run.failed(StatementTimeout("slow"), cursor=None, size=100)
+    run.throttled(Pause(0.1, "backoff"))
+    run.committed(batch(50, rows=50, size=50))  # the retry, smaller
+    run.failed(Contention("locked", reason="lock_timeout"), cursor=("50",), size=50)
+    run.failed(Contention("locked", reason="lock_timeout"), cursor=("50",), size=50)
     last = Contention("locked", reason="lock_timeout")
     try:
         raise Unavailable("giving up after 3 consecutive failed attempts") from last
@@ -151,11 +152,11 @@ def test_retried_and_failed_attempts() -> None:
 
 
 def test_row_error_fails_the_reported_attempt() -> None:
-    m = RunMetrics(job="users", table="t")
-    m.started(checkpoint())
+    m, run = metrics_of_a_run(job="users", table="t")
+    run.started(checkpoint())
     bad = DataFailure("value too long")
     for size in (4, 2, 1):
-        m.failed(bad if size == 1 else DataFailure("value too long"), cursor=None, size=size)
+        run.failed(bad if size == 1 else DataFailure("value too long"), cursor=None, size=size)
     try:
         raise RowError("row 3 makes the SET fail", keys=("3",)) from bad
     except RowError as exc:
@@ -167,11 +168,11 @@ def test_row_error_fails_the_reported_attempt() -> None:
 
 def test_success_time_only_after_success() -> None:
     clock = Clock(5000.0)
-    m = RunMetrics(job="users", table="t", clock=clock)
-    m.started(checkpoint())
-    m.state("succeeded")
+    m, run = metrics_of_a_run(job="users", table="t", clock=clock)
+    run.started(checkpoint())
+    run.state("succeeded")
     m.finish("succeeded")
-    m.state("running")  # nothing after a final state changes it
+    run.state("running")  # nothing after a final state changes it
     assert value(m, "backfill_last_success_timestamp_seconds") == 5000.0
     assert value(m, "backfill_state", state="succeeded") == 1
     assert value(m, "backfill_progress_ratio") == 1.0
@@ -183,26 +184,26 @@ def test_success_time_only_after_success() -> None:
 
 def test_unknown_progress_is_nan_until_estimated() -> None:
     mono = Clock(0.0)
-    m = RunMetrics(job="users", table="t", monotonic=mono)
-    m.started(checkpoint(range_lo=("aaa",), range_hi=("zzz",)))
+    m, run = metrics_of_a_run(job="users", table="t", monotonic=mono)
+    run.started(checkpoint(range_lo=("aaa",), range_hi=("zzz",)))
     mono.now = 1
-    m.committed(BatchResult(cursor=("bbb",), rows=100, size=100, seconds=0.01))
+    run.committed(BatchResult(cursor=("bbb",), rows=100, size=100, seconds=0.01))
     assert math.isnan(value(m, "backfill_progress_ratio"))
     m.tracker.use_estimate(KeyEstimate(total=10_000, done=0), mono.now)
     for i in range(2, 5):
         mono.now = i
-        m.committed(BatchResult(cursor=(f"c{i}",), rows=100, size=100, seconds=0.01))
+        run.committed(BatchResult(cursor=(f"c{i}",), rows=100, size=100, seconds=0.01))
     assert value(m, "backfill_progress_ratio") == pytest.approx(0.04)
     assert value(m, "backfill_eta_seconds") == pytest.approx(0.96 / 0.01)
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_exposition_passes_promtool() -> None:
-    m = RunMetrics(job="users", table="public.users")
-    m.started(checkpoint())
-    m.committed(batch(100, rows=100))
-    m.failed(StatementTimeout("slow"), cursor=("100",), size=100)
-    m.throttled(Pause(1.0, "rate_limit"))
+    m, run = metrics_of_a_run(job="users", table="public.users")
+    run.started(checkpoint())
+    run.committed(batch(100, rows=100))
+    run.failed(StatementTimeout("slow"), cursor=("100",), size=100)
+    run.throttled(Pause(1.0, "rate_limit"))
     m.finish("succeeded")
     out = subprocess.run(
         ["promtool", "check", "metrics"], input=generate_latest(m.served),
@@ -324,13 +325,13 @@ def _get(url: str) -> tuple[int, bytes]:
 
 @pytest.mark.anyio
 async def test_endpoint_serves_and_lingers_until_scraped() -> None:
-    m = RunMetrics(job="users", table="t")
+    m, run = metrics_of_a_run(job="users", table="t")
     exporter = Exporter(m, Telemetry(metrics_port=free_port(), metrics_address="127.0.0.1",
                                      linger=10.0))
     exporter.start()
     base = f"http://127.0.0.1:{exporter.port}"
-    m.started(checkpoint())
-    m.committed(batch(100, rows=42))
+    run.started(checkpoint())
+    run.committed(batch(100, rows=42))
     status, body = await anyio.to_thread.run_sync(_get, base + "/metrics")
     assert status == 200 and b'backfill_rows_updated_total{job="users",shard="0"} 42.0' in body
     status, body = await anyio.to_thread.run_sync(_get, base + "/healthz")
@@ -367,7 +368,7 @@ def test_busy_port_is_a_warning(logged: Records) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        exporter = Exporter(RunMetrics(job="users", table="t"),
+        exporter = Exporter(RunMetrics(job="users", table="t", tracker=Tracker()),
                             Telemetry(metrics_port=port, metrics_address="127.0.0.1"))
         exporter.start()
     assert exporter.port is None

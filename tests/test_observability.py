@@ -94,7 +94,7 @@ async def test_a_run_with_a_text_key_shows_estimated_progress(db: Database) -> N
         def state(self, state: str) -> None: ...
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(estimate.estimate_progress, db.params, job, first, [tracker])
+        tg.start_soon(estimate.estimate_progress, db.params, job, first, tracker)
         ckpt = await commands.run(job, db.params, observers=[Watch()])
         tg.cancel_scope.cancel()
     assert ckpt.rows_updated == 5000

@@ -51,17 +51,18 @@ def policy_for(job: Job) -> Policy:
 
 
 def default_observers(
-    job: Job, tracker: Tracker, stream: TextIO, *, log_every: float = 30.0, shard: Shard = WHOLE
+    job: Job, progress: Progress, stream: TextIO, *, log_every: float = 30.0,
+    shard: Shard = WHOLE,
 ) -> list[Observer]:
-    """Progress for people: a live bar on a terminal, else JSON log lines."""
-    progress = Progress(tracker)
+    """Progress for people, read from the run's ``progress``: a live bar on a terminal, else
+    JSON log lines."""
     if not stream.isatty():
-        return [progress, LogLines(job.name, progress, every=log_every, shape=job.shape)]
+        return [LogLines(job.name, progress, every=log_every, shape=job.shape)]
     from backfill.progressbar import ProgressBar  # rich, only on a terminal
 
     label = job.name + (f" [{shard}]" if shard.count > 1 else "")
     done = "" if job.shape == "update" else DONE_WORDS[job.shape]
-    return [progress, ProgressBar(stream, progress, label, done=done)]
+    return [ProgressBar(stream, progress, label, done=done)]
 
 
 async def run(
@@ -80,23 +81,22 @@ async def run(
     aborts the batch in flight, which rolls back. With ``telemetry``, the run's Prometheus
     metrics are served and/or pushed (``backfill.export``) for as long as it lasts.
     """
-    tracker = Tracker()
-    trackers: list[Tracker] = []  # those that show progress, for a text key's sampled estimate
+    # The run's progress: one tracker, kept by this observer (ahead of those that read it).
+    progress = Progress(Tracker())
+    shown = observers is None  # progress for people, unless the caller brings its observers
     if observers is None:
         log_every = telemetry.log_every if telemetry is not None else 30.0
         observers = default_observers(
-            job, tracker, stream or sys.stderr, log_every=log_every, shard=shard
+            job, progress, stream or sys.stderr, log_every=log_every, shard=shard
         )
-        trackers.append(tracker)
     exporter: Exporter | None = None
     if telemetry is not None:
         metrics = RunMetrics(job=job.name, table=job.table.display, shard=shard.index,
-                             shape=job.shape)
+                             shape=job.shape, tracker=progress.tracker)
         exporter = Exporter(metrics, telemetry)
         observers = [*observers, metrics]
-        trackers.append(metrics.tracker)
     first = FirstStart()
-    observers = [first, *observers]
+    observers = [first, progress, *observers]
     stop = Stop()
     # Gates and live control while no batch runs use a small second connection, opened lazily.
     probe = PgProbe(params, job, shard=shard.index)
@@ -120,8 +120,8 @@ async def run(
             tg.start_soon(watch_signals, stop, abort)
             if job.limits.max_run_seconds is not None:
                 tg.start_soon(stop_after, stop, job.limits.max_run_seconds)
-            if trackers:
-                tg.start_soon(estimate_progress, params, job, first, trackers)
+            if shown or exporter is not None:  # someone reads the progress
+                tg.start_soon(estimate_progress, params, job, first, progress.tracker)
             if exporter is not None:
                 tg.start_soon(exporter.push_periodically)
             # The impact budget's canary (it waits while the job sets no max_impact), once the

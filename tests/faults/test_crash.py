@@ -32,7 +32,6 @@ import pytest
 from backfill import commands
 from backfill.checkpoint import BatchResult
 from backfill.job import parse_job
-from backfill.metrics import RunMetrics
 from backfill.pgtemp import TempPostgres
 from tests.conftest import (
     Database,
@@ -43,6 +42,7 @@ from tests.conftest import (
     users_job,
     write_job,
 )
+from tests.observability import metrics_of_a_run
 
 from .harness import Cli, Hook, Recorder, checkpoint_is_exact, exactly_once
 from .sessions import eventually
@@ -229,7 +229,7 @@ async def test_a_crash_loses_acknowledged_batches_and_the_run_redoes_them_once(
     rows = 10_000
     await seed_users(durable_db, f"generate_series(1, {rows})")
     rec = Recorder()
-    metrics = RunMetrics(job=NAME, table="public.users")
+    metrics, counted_by = metrics_of_a_run(job=NAME, table="public.users")
     acknowledged: list[int] = []
 
     async def on_commit(result: BatchResult) -> None:
@@ -241,7 +241,7 @@ async def test_a_crash_loses_acknowledged_batches_and_the_run_redoes_them_once(
     job = parse_job(users_job(where="true", batch={"size": 100, "wait_for_flush": wait_for_flush},
                               limits={"connect_retry_seconds": "60s"}))
     with anyio.fail_after(120):
-        ckpt = await commands.run(job, durable_db.params, observers=[rec, metrics],
+        ckpt = await commands.run(job, durable_db.params, observers=[rec, counted_by],
                                   throttles=[Hook(on_commit)])
     assert ckpt.rows_updated == rows
     conn = await durable_db.connect()
