@@ -73,7 +73,7 @@ class Fanout:
 
 
 @dataclass
-class Progress:
+class Progress(Quiet):
     """Keeps the shared ``Tracker`` current; other observers read it."""
 
     tracker: Tracker
@@ -85,18 +85,9 @@ class Progress:
     def committed(self, result: BatchResult) -> None:
         self.tracker.commit(result, self.clock())
 
-    def failed(self, failure: BatchFailure, *, cursor: Key | None, size: int) -> None:
-        pass
-
-    def skipped(self, key: Key) -> None:
-        pass
-
     def throttled(self, pause: Pause) -> None:
         seconds = self.tracker.throttle_seconds
         seconds[pause.reason] = seconds.get(pause.reason, 0.0) + pause.seconds
-
-    def state(self, state: str) -> None:
-        pass
 
 
 def summary(progress: Progress) -> dict[str, object]:
@@ -119,7 +110,7 @@ _ROUTINE_PAUSES = frozenset({"sleep", "rate_limit", "backoff", "paused", "impact
 
 
 @dataclass
-class LogLines:
+class LogLines(Quiet):
     """JSON-friendly log: a line per state change, per throttle episode, per retried batch
     (the loop logs most; this logs the data errors it narrows down), and a progress line at most
     every ``every`` seconds. Never a line per batch."""
@@ -164,9 +155,6 @@ class LogLines:
                 extra={"job": self.job, "reason": failure.reason, "keys_after": cursor,
                        "size": size, "error": str(failure)},
             )
-
-    def skipped(self, key: Key) -> None:
-        pass
 
     def throttled(self, pause: Pause) -> None:
         if pause.reason not in _ROUTINE_PAUSES and pause.reason != self._throttle:

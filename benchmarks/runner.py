@@ -24,6 +24,7 @@ from backfill.checkpoint import BatchResult
 from backfill.conninfo import ConnectParams
 from backfill.errors import BackfillError, Interrupted
 from backfill.job import Job, parse_job
+from backfill.observers import Quiet
 from benchmarks.db import SET_, WHERE, Bench
 from benchmarks.sample import Sample
 
@@ -219,18 +220,13 @@ async def cli_run(
 
 
 @dataclass
-class Recorder:
+class Recorder(Quiet):
     """An observer that keeps every committed batch (and ignores every other event)."""
 
     batches: list[BatchResult] = field(default_factory=list)
 
     def committed(self, result: BatchResult) -> None:
         self.batches.append(result)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return lambda *args, **kwargs: None
 
 
 async def in_process(bench: Bench, fields: dict[str, Any]) -> tuple[list[BatchResult], float]:
@@ -240,7 +236,7 @@ async def in_process(bench: Bench, fields: dict[str, Any]) -> tuple[list[BatchRe
     params = ConnectParams(dsn=SecretStr(bench.dsn))
     t0 = time.perf_counter()
     try:
-        await commands.run(job, params, observers=[recorder])  # type: ignore[list-item]
+        await commands.run(job, params, observers=[recorder])
     except Interrupted:
         pass
     return recorder.batches, time.perf_counter() - t0

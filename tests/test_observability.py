@@ -14,10 +14,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backfill import commands, estimate
-from backfill.checkpoint import Checkpoint
+from backfill.checkpoint import BatchResult, Checkpoint
 from backfill.commands import runner
 from backfill.job import parse_job
 from backfill.metrics import RunMetrics
+from backfill.observers import Quiet
 from backfill.progress import Tracker
 from backfill.settings import Telemetry
 from tests.conftest import Database, cli, popen, seed_users, users_job, write_job
@@ -77,21 +78,16 @@ async def test_a_run_with_a_text_key_shows_estimated_progress(db: Database) -> N
     tracker = Tracker()
     seen: list[float | None] = []
 
-    class Watch:
+    class Watch(Quiet):
         """Records the estimated fraction after each commit."""
 
         def started(self, checkpoint: Checkpoint) -> None:
             tracker.start(checkpoint, anyio.current_time())
             first.started(checkpoint)
 
-        def committed(self, result: Any) -> None:
+        def committed(self, result: BatchResult) -> None:
             tracker.commit(result, anyio.current_time())
             seen.append(tracker.fraction)
-
-        def failed(self, *a: Any, **k: Any) -> None: ...
-        def skipped(self, key: Any) -> None: ...
-        def throttled(self, pause: Any) -> None: ...
-        def state(self, state: str) -> None: ...
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(estimate.estimate_progress, db.params, job, first, tracker)
