@@ -52,7 +52,7 @@ from backfill.protocols import (
     Sizing,
 )
 from backfill.shutdown import Stop
-from backfill.sizing import AdaptiveSizer
+from backfill.sizing import Sizer
 from backfill.throttling.pacing import Backoff
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,9 @@ class Policy:
     """What the loop needs from the job: plain values, no I/O."""
 
     job: str
-    size: int
-    min_size: int
-    max_size: int
     max_retries: int
     connect_retry_seconds: float
     skip_bad_rows: bool
-    target_seconds: float | None = None  # aim each batch at this duration (None: fixed size)
 
 
 @dataclass(slots=True)
@@ -103,6 +99,7 @@ class Loop:
         policy: Policy,
         connector: Connector,
         *,
+        sizer: Sizer,
         throttle: Governing,
         observer: Observer,
         stop: Stop,
@@ -111,14 +108,12 @@ class Loop:
     ) -> None:
         self.policy = policy
         self.connector = connector
+        # The loop's own: sized by its batches, tuned by live control, capped by the throttles.
+        self.sizer = sizer
         self.throttle = throttle
         self.observer = observer
         self.stop = stop
         self.backoff = backoff or Backoff()
-        # The loop's own: sized by its batches, tuned by live control, capped by the throttles.
-        self.sizer = AdaptiveSizer(
-            policy.size, policy.min_size, policy.max_size, target_seconds=policy.target_seconds
-        )
         self._sizing: Sizing | None = None  # the batch settings the sizer was last tuned to
         self.control = control
         self.failures = _Failures(policy.max_retries)

@@ -25,6 +25,7 @@ from backfill.errors import (
 from backfill.loop import Loop, Policy
 from backfill.protocols import Decision, Pause, Reason
 from backfill.shutdown import Stop
+from backfill.sizing import AdaptiveSizer
 from backfill.throttling.pacing import Backoff
 
 pytestmark = pytest.mark.anyio
@@ -175,9 +176,6 @@ def make_loop(
 ) -> Loop:
     policy = Policy(
         job="j",
-        size=size,
-        min_size=min_size,
-        max_size=1000,
         max_retries=retries,
         connect_retry_seconds=5.0,
         skip_bad_rows=skip,
@@ -185,6 +183,7 @@ def make_loop(
     return Loop(
         policy,
         FakeConnector(world, refuse=refuse),
+        sizer=AdaptiveSizer(size, min_size, 1000),
         throttle=FixedSleep(sleep),
         observer=recorder or Recorder(),
         stop=stop or Stop(),

@@ -27,6 +27,7 @@ from backfill.protocols import Observer, Throttle
 from backfill.ranges import WHOLE, Shard
 from backfill.settings import Telemetry
 from backfill.shutdown import Stop, stop_after, watch_signals
+from backfill.sizing import AdaptiveSizer
 from backfill.throttling import canary, governor
 from backfill.throttling.probe import PgProbe
 
@@ -40,13 +41,17 @@ def identity() -> Identity:
 def policy_for(job: Job) -> Policy:
     return Policy(
         job=job.name,
-        size=job.batch.size,
-        min_size=job.batch.min_size,
-        max_size=job.batch.max_size,
         max_retries=job.limits.max_retries,
         connect_retry_seconds=job.limits.connect_retry_seconds,
         skip_bad_rows=job.on_row_error == "skip",
-        target_seconds=job.batch.target_seconds,
+    )
+
+
+def sizer_for(job: Job) -> AdaptiveSizer:
+    """The job's ``[batch]`` sizing; live control tunes it as the run goes."""
+    batch = job.batch
+    return AdaptiveSizer(
+        batch.size, batch.min_size, batch.max_size, target_seconds=batch.target_seconds
     )
 
 
@@ -106,6 +111,7 @@ async def run(
     loop = Loop(
         policy_for(job),
         PgConnector(params, job, identity=identity(), shard=shard),
+        sizer=sizer_for(job),
         throttle=governor.Throttles(gov, throttles),
         observer=Fanout(observers),
         stop=stop,
