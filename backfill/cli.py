@@ -122,30 +122,11 @@ def plan(path: JobPath) -> None:
     """Show the batch SQL, EXPLAIN of one batch, rows and duration.
 
     Validates the job file, connects, and runs one batch under EXPLAIN ANALYZE, rolled back."""
-    from backfill import commands
-    from backfill.checkpoint import show_key
-    from backfill.progress import human_seconds
+    from backfill import commands, planview
 
     job, params = _job(path), _params()
     p = _run(lambda: commands.plan(job, params))
-    typer.echo(f"job       {p.job}\ntable     {p.table}\nkey       {p.key}")
-    typer.echo(f"range     {show_key(p.range_lo)} .. {show_key(p.range_hi)}")
-    if p.cursor is not None:
-        typer.echo(f"resumes   after {show_key(p.cursor)}")
-    typer.echo(
-        f"rows      ~{p.rows_in_table:,} in table, "
-        f"~{p.rows_matching:,} matching where (planner estimates)"
-    )
-    typer.echo(f"batches   ~{p.batches:,} of {job.batch.size}")
-    for warning in p.warnings:
-        typer.echo(f"warning   {warning}")
-    typer.echo(
-        f"duration  ~{human_seconds(p.estimated_seconds)} "
-        f"(one batch took {p.batch_seconds * 1000:.1f} ms, measured and rolled back, "
-        f"plus {job.batch.sleep_seconds}s sleep)"
-    )
-    typer.echo(f"\nbatch statement:\n{p.statement}\n\nEXPLAIN ANALYZE of one batch (rolled back):")
-    typer.echo(p.explain)
+    typer.echo(planview.view(p, job))
 
 
 @app.command()
