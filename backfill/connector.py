@@ -26,9 +26,9 @@ from backfill.errors import (
     Vanished,
 )
 from backfill.job import Job
-from backfill.pg import POOLER_HINT, Budget, connect, translate
+from backfill.pg import POOLER_HINT, Budget, close, connect, translate
 from backfill.ranges import WHOLE, Shard
-from backfill.session import CLOSE_BUDGET, PgSession
+from backfill.session import PgSession
 from backfill.sql import Change, Target
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,7 @@ async def check_own_backend(
     try:
         other_pid = await other.fetchval(sql.BACKEND_PID)
     finally:
-        with anyio.move_on_after(CLOSE_BUDGET, shield=True):
-            await _close(other)
+        await close(other)
     if other_pid == lock_pid or await conn.fetchval(sql.BACKEND_PID) != lock_pid:
         raise ConfigError(
             f"job {job.name}: the connection goes through a pooler in transaction mode: "
@@ -169,8 +168,7 @@ class PgConnector:
         try:
             yield await self._open(conn)
         finally:
-            with anyio.move_on_after(CLOSE_BUDGET, shield=True):
-                await _close(conn)
+            await close(conn)
 
     async def _open(self, conn: asyncpg.Connection) -> PgSession:
         job, shard = self.job, self.shard.index
@@ -234,9 +232,3 @@ async def _load(conn: asyncpg.Connection, name: str, shard: int) -> Checkpoint:
         raise Vanished(name)
     return to_checkpoint(row)
 
-
-async def _close(conn: asyncpg.Connection) -> None:
-    try:
-        await conn.close(timeout=2)
-    except Exception:
-        conn.terminate()

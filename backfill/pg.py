@@ -9,6 +9,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import asyncpg
 
 from backfill import sql
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 # Slack for the client-side timeout over the server's statement_timeout: the server should
 # always cancel first; the client's timeout only catches a dead or black-holed network.
 CLIENT_SLACK = 5.0
+# Seconds allowed for ending a connection, or its open transaction, on the way out.
+CLOSE_BUDGET = 2.0
 
 _CONTENTION = {"55P03": "lock_timeout", "40P01": "deadlock", "40001": "serialization"}
 _GONE = {"57P01", "57P02", "57P03", "53300", "58030"}
@@ -110,6 +113,19 @@ async def connect(
             raise translate(exc, closed=conn.is_closed(), where=where) from exc
         raise
     return conn
+
+
+async def close(conn: asyncpg.Connection) -> None:
+    """End ``conn`` within ``CLOSE_BUDGET``, also on the way out of a cancelled scope: politely
+    (the server ends its session at once), else by dropping it (a dead network would keep a
+    polite close waiting)."""
+    with anyio.move_on_after(CLOSE_BUDGET, shield=True):
+        try:
+            await conn.close(timeout=CLOSE_BUDGET)
+        except Exception:
+            conn.terminate()
+    if not conn.is_closed():
+        conn.terminate()
 
 
 def translate(

@@ -25,13 +25,10 @@ from backfill.errors import (
     Vanished,
 )
 from backfill.job import Job
-from backfill.pg import CLIENT_SLACK, translate
+from backfill.pg import CLIENT_SLACK, CLOSE_BUDGET, translate
 from backfill.sql import Change, Target
 
 log = logging.getLogger(__name__)
-
-# Seconds allowed for ending a group's open transaction when it is cancelled.
-CLOSE_BUDGET = 2.0
 
 # A group of batches in one round trip lasts about this long at most: no decision (a pause, a
 # gate, live control, the impact budget) waits longer than this for the runner to ask, and a

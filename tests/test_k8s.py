@@ -17,8 +17,7 @@ from backfill.errors import ExitCode
 from backfill.export import PUSH_TIMEOUT
 from backfill.job import Job, parse_duration, parse_job
 from backfill.loop import SAVE_BUDGET
-from backfill.pg import CLIENT_SLACK
-from backfill.session import CLOSE_BUDGET
+from backfill.pg import CLIENT_SLACK, CLOSE_BUDGET
 from backfill.settings import DEFAULT_METRICS_PORT
 from tests.conftest import cli
 from tests.kube import (

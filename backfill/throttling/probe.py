@@ -19,7 +19,7 @@ import asyncpg
 from backfill import sql
 from backfill.conninfo import ConnectParams
 from backfill.job import Job
-from backfill.pg import Budget, connect
+from backfill.pg import Budget, close, connect
 from backfill.throttling.gates import CheckError
 
 
@@ -95,11 +95,7 @@ class PgProbe:
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            with anyio.move_on_after(2, shield=True):
-                try:
-                    await conn.close(timeout=2)
-                except Exception:
-                    conn.terminate()
+            await close(conn)
 
     async def control(self) -> Mapping[str, Any]:
         row = await self._fetchrow(sql.CONTROL, self.job.name, self.shard)
