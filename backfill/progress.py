@@ -69,8 +69,8 @@ class KeyEstimate:
 class Tracker:
     """Accumulates committed batches; answers rate, fraction and ETA questions."""
 
-    # 20 s: after a change of pace the ETA is right again within about the window (measured in
-    # benchmarks/eta_error.py: a 60 s window never caught up in a 1-minute second half).
+    # 20 s: after a change of pace the ETA is right again within about the window, where a
+    # longer one lags behind it (docs/performance.md, "The ETA's window").
     window: float = 20.0
     min_batches: int = 10  # the window holds at least this many batches, however long they take
     checkpoint: Checkpoint | None = None

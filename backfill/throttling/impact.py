@@ -65,26 +65,33 @@ DECIDE = 0.5  # seconds between decisions
 MIN_BEATS = 25  # beats since the last change needed for a judgment (a p90 of fewer is noise)
 MIN_BASE = 12  # beats needed in the baseline
 TYPICAL, TAIL = "typical", "tail"  # the statistics a budget holds
-START = 0.05  # the duty to start from under load, before anything is known (gently: the
-# application's tail pays for an overshoot at once, an undershoot costs a few seconds)
+# The duty to start from under load, before anything is known: gently, as the application's
+# tail pays for an overshoot at once, and an undershoot costs a few seconds.
+START = 0.05
 FLOOR = 0.01  # the least duty: the run never stops for good while the budget allows work
 USED = 0.8  # the runner grows only when it worked at least this share of its allowance
-GROW = 0.5  # the most the duty grows per decision (far below the budget): a decision needs
-# fresh measures after each change, so a quarter took ~40 s to full speed
+# The most the duty grows per decision (far below the budget). A decision needs fresh
+# measures after each change, so a smaller step takes long to reach full speed
+# (docs/performance.md, "The impact budget").
+GROW = 0.5
 GAIN = math.log(1 + GROW)  # within the budget: the duty grows by exp(GAIN (1 - excess))
-CUT = math.log(2)  # over it: shrinks by exp(-CUT (excess - 1)), halved at twice the budget:
-# the steeper step, as the application pays for every overshoot
-NEAR = 0.5  # within this of the budget (in excess) the step shrinks further, in proportion
-# to the distance: a measurement's noise there moves the pace little
+# Over the budget the duty shrinks by exp(-CUT (excess - 1)), halved at twice the budget: the
+# steeper step, as the application pays for every overshoot.
+CUT = math.log(2)
+# Within this of the budget (in excess) the step shrinks further, in proportion to the
+# distance: a measurement's noise there moves the pace little.
+NEAR = 0.5
 LOOKS = 10  # looks at other sessions without anyone at work before nobody is there ...
 ARRIVE_LOOKS = 4  # ... and of the last this many looks ...
 ARRIVE = 2  # ... this many that saw one at work for a load to have arrived
-RUNWAY = 0.2  # seconds the runner may go on unasked at full speed: when a load arrives, a
-# group of batches sized for an idle server runs several times longer; keep it short
+# Seconds the runner may go on unasked at full speed: keep it short, as a group of batches
+# sized for an idle server runs several times longer when a load arrives.
+RUNWAY = 0.2
 FADE = 0.1  # a bad mark rises by this share every FADE_EVERY seconds
 FADE_EVERY = 5.0
-SHORTEST = 0.1  # batches shrink with the duty down to this share of their size (below, the
-# per-batch costs, a commit and a round trip, would eat the allowance)
+# Batches shrink with the duty down to this share of their size: below it, the per-batch
+# costs (a commit and a round trip) would eat the allowance.
+SHORTEST = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,12 +375,11 @@ class Controller:
             found[TAIL] = max(sides)
         if now - since >= JUDGE / 2 and (index := self._statements.index(since)) is not None:
             # The application's own statements, where they can be seen: what the budget
-            # protects, every call of it (measured: the canary's latency hardly moves where
-            # the application's p99 doubles). But their times are the server's execution
-            # alone: a commit's WAL flush comes after the statement, and a client waiting
-            # for a CPU is not in them (measured: the statements' mean stayed at 0.03 ms
-            # while the application's grew tenfold). The canary, a client of its own that
-            # commits, sees those: the larger of the two decides.
+            # protects, every call of it (the canary's latency can hardly move where the
+            # application's tail doubles). But their times are the server's execution alone:
+            # a commit's WAL flush comes after the statement, and a client waiting for a CPU
+            # is not in them. The canary, a client of its own that commits, sees those: the
+            # larger of the two decides (docs/throttling.md says what each can see).
             for statistic, m in ((TYPICAL, index.typical), (TAIL, index.tail)):
                 mine = (m.ratio, "statements", m.current, m.baseline)
                 found[statistic] = max(found.get(statistic, mine), mine)
