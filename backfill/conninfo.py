@@ -38,8 +38,9 @@ _HOSTSPEC = re.compile(r"(?P<host>\[[^\]]+\]|[^:\[\]]*)(?::(?P<port>[^:]*))?")
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
-    """Where to connect and how, from a URL or the ``PG*`` variables; ``None``: not said."""
+class Conninfo:
+    """Where to connect and how (libpq's connection parameters), from a URL or the ``PG*``
+    variables; ``None``: not said."""
 
     user: str | None = None
     password: str | None = field(default=None, repr=False)
@@ -48,10 +49,10 @@ class Target:
     database: str | None = None
     options: dict[str, str] = field(default_factory=dict)  # sslmode, target_session_attrs, ...
 
-    def over(self, defaults: Target) -> Target:
-        """This target, with ``defaults`` for whatever it leaves out (libpq's rule for the
+    def over(self, defaults: Conninfo) -> Conninfo:
+        """These values, with ``defaults`` for whatever they leave out (libpq's rule for the
         ``PG*`` variables under a URL)."""
-        return Target(
+        return Conninfo(
             user=self.user or defaults.user,
             password=self.password if self.password is not None else defaults.password,
             hosts=self.hosts or defaults.hosts,
@@ -71,7 +72,7 @@ class Target:
         return f"{user}{where}/{self.database or ''}"
 
 
-def parse_url(url: str) -> Target:
+def parse_url(url: str) -> Conninfo:
     """A ``postgresql://`` URL, libpq's form with any number of hosts. Raises ``ValueError``
     with a reason that quotes none of it: a password with an unencoded ``/``, ``?``, ``#`` or
     ``@`` splits the URL in the wrong place, and a parser's own message would then quote a
@@ -110,7 +111,7 @@ def parse_url(url: str) -> Target:
             raise ValueError("port must be a number")
         ports = [int(p) for p in options.pop("port").split(",")]
     database = unquote(path[1:]) if len(path) > 1 else None
-    return Target(
+    return Conninfo(
         user=unquote(user) or options.pop("user", None),
         password=unquote(password) if password else options.pop("password", None),
         hosts=tuple(hosts),
@@ -146,12 +147,12 @@ class ConnectParams:
     passfile: str | None = None  # PGPASSFILE, else ~/.pgpass: read at each connection
     target_session_attrs: str | None = None
 
-    def target(self) -> Target:
+    def resolve(self) -> Conninfo:
         """The URL's values (the file's, read now) over the ``PG*`` ones. Raises
         ``ConfigError`` for a URL that cannot be used, naming its source, never its text."""
         options = {name: getattr(self, name) for name in (
             "sslmode", "sslrootcert", "sslcert", "sslkey", "target_session_attrs")}
-        plain = Target(
+        plain = Conninfo(
             user=self.user,
             password=self.password.get_secret_value() if self.password is not None else None,
             hosts=tuple(h.strip() for h in self.host.split(",")) if self.host else (),
@@ -184,7 +185,7 @@ class ConnectParams:
     def describe(self) -> str:
         """``user@host:port/database`` without the password, for messages. Never raises."""
         try:
-            return self.target().describe()
+            return self.resolve().describe()
         except ConfigError:
             return "the database URL"  # its pieces may be pieces of the password
 
@@ -192,8 +193,8 @@ class ConnectParams:
         """Keyword arguments for ``asyncpg.connect``, everything explicit (the driver's own
         environment fallbacks then find nothing to add). With ``writable``, only a server that
         accepts writes will do: ``target_session_attrs`` defaults to ``read-write``."""
-        target = self.target()
-        options = dict(target.options)
+        info = self.resolve()
+        options = dict(info.options)
         attrs = options.get("target_session_attrs")
         if writable and attrs is None:
             options["target_session_attrs"] = "read-write"
@@ -206,32 +207,32 @@ class ConnectParams:
             path = options.get(name)
             if path and not os.access(path, os.R_OK):
                 raise ConfigError(f"{name} {path}: no such file, or not readable")
-        password = target.password
+        password = info.password
         if password is None and self.passfile:
-            password = _from_passfile(Path(self.passfile), target)
+            password = _from_passfile(Path(self.passfile), info)
         out: dict[str, object] = {
-            "user": target.user,
+            "user": info.user,
             "password": password,
-            "database": target.database,
+            "database": info.database,
             "passfile": self.passfile,
         }
-        if target.hosts:
-            out["host"] = list(target.hosts)
-        if target.ports:
-            out["port"] = list(target.ports)
+        if info.hosts:
+            out["host"] = list(info.hosts)
+        if info.ports:
+            out["port"] = list(info.ports)
         if options:
             # The driver reads these (sslrootcert, sslcert, sslkey, ...) only from a URL.
             out["dsn"] = "postgresql://?" + urlencode(options)
         return {k: v for k, v in out.items() if v is not None}
 
 
-def _from_passfile(path: Path, target: Target) -> str | None:
+def _from_passfile(path: Path, info: Conninfo) -> str | None:
     """libpq's defaults: user the login name, database the user, host localhost, port 5432."""
-    user = target.user or pwd.getpwuid(os.getuid()).pw_name
-    hosts = target.hosts or ("localhost",)
-    ports = target.ports * len(hosts) if len(target.ports) == 1 else target.ports
+    user = info.user or pwd.getpwuid(os.getuid()).pw_name
+    hosts = info.hosts or ("localhost",)
+    ports = info.ports * len(hosts) if len(info.ports) == 1 else info.ports
     if len(ports) != len(hosts):
         ports = (5432,) * len(hosts)
     return pgpass.lookup(
-        path, hosts=hosts, ports=ports, database=target.database or user, user=user
+        path, hosts=hosts, ports=ports, database=info.database or user, user=user
     )

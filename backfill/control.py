@@ -3,8 +3,8 @@
 ``backfill pause``, ``resume`` and ``set`` write overrides into the checkpoint's ``control``
 column (flat keys such as ``"batch.size"``, plus ``"paused"``). A runner gets that column for
 free with every batch (the batch statement returns it) and polls it every ``check_every`` while
-no batch runs. ``Live`` turns the job file's values plus the overrides into the ``Knobs`` that
-the loop's sizer and the throttles read, and logs every change.
+no batch runs. ``LiveControl`` turns the job file's values plus the overrides into the
+``Knobs`` that the loop's sizer and the throttles read, and logs every change.
 
 Only the keys in ``LIVE_KEYS`` can be overridden; each is validated by the same model as the job
 file (so bounds and units agree), and the section it belongs to is validated as a whole (so
@@ -30,7 +30,7 @@ from backfill.live import LIVE_KEYS
 
 log = logging.getLogger(__name__)
 
-PAUSED = "paused"  # the control key that `pause` sets and `resume` removes
+PAUSE_KEY = "paused"  # the control key that `pause` sets and `resume` removes
 SECTIONS: dict[str, type[BaseModel]] = {
     "batch": BatchConfig, "limits": Limits, "throttle": ThrottleConfig,
 }
@@ -68,7 +68,7 @@ class Knobs:
         return cls(job.batch, job.limits, job.throttle)
 
     def value(self, key: str) -> Any:
-        if key == PAUSED:
+        if key == PAUSE_KEY:
             return self.paused
         section, name = key.split(".")
         return getattr(getattr(self, section), name)
@@ -97,14 +97,14 @@ def resolve(base: Knobs, control: Mapping[str, Any]) -> tuple[Knobs, list[str]]:
                 sections[section] = model.model_validate({**current.model_dump(), **updates})
             except ValidationError as exc:
                 problems.append(_first_error(exc, section))
-    unknown = sorted(set(control) - set(LIVE_KEYS) - {PAUSED})
+    unknown = sorted(set(control) - set(LIVE_KEYS) - {PAUSE_KEY})
     if unknown:
         problems.append("unknown keys: " + ", ".join(unknown))
-    return Knobs(**sections, paused=control.get(PAUSED) is True), problems
+    return Knobs(**sections, paused=control.get(PAUSE_KEY) is True), problems
 
 
 @dataclass
-class Live:
+class LiveControl:
     """The runner's view of its settings; ``apply`` takes the latest ``control`` column."""
 
     base: Knobs
@@ -126,7 +126,7 @@ class Live:
             log.warning("ignoring invalid live control", extra={"job": self.job, "error": problem})
         changes = {
             key: [self.knobs.value(key), knobs.value(key)]
-            for key in (*LIVE_KEYS, PAUSED)
+            for key in (*LIVE_KEYS, PAUSE_KEY)
             if self.knobs.value(key) != knobs.value(key)
         }
         if changes:

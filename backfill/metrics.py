@@ -27,20 +27,19 @@ from backfill import __version__
 from backfill.checkpoint import (
     FAILED,
     INTERRUPTED,
-    PAUSED,
     RUNNING,
     SUCCEEDED,
-    THROTTLED,
     BatchResult,
     Checkpoint,
     Key,
+    State,
 )
 from backfill.errors import BatchFailure
 from backfill.progress import Tracker
 from backfill.protocols import THROTTLE_REASONS, Pause
 from backfill.throttling.impact import TAIL, TYPICAL, Controller
 
-STATES = (RUNNING, THROTTLED, PAUSED, INTERRUPTED, SUCCEEDED, FAILED)
+STATES = tuple(State)
 FINAL_STATES = (INTERRUPTED, SUCCEEDED, FAILED)
 OUTCOMES = ("committed", "retried", "failed")
 # BatchFailure.reason values (backfill.pg.translate); others appear when first seen.

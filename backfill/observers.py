@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from backfill.checkpoint import BatchResult, Checkpoint, Key
+from backfill.checkpoint import THROTTLED, BatchResult, Checkpoint, Key
 from backfill.errors import BatchFailure, DataFailure
 from backfill.progress import Tracker
-from backfill.protocols import Observer, Pause
+from backfill.protocols import Observer, Pause, Reason
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ def summary(progress: Progress) -> dict[str, object]:
 # Pauses that come with every batch (sleep, rate_limit while the ceiling binds, impact while the
 # budget paces), follow a logged retry (backoff) or have their own line (paused; impact, which
 # the governor logs with what it measured): no line each.
-_ROUTINE_PAUSES = frozenset({"sleep", "rate_limit", "backoff", "paused", "impact"})
+_ROUTINE_PAUSES = frozenset({Reason.SLEEP, Reason.RATE_LIMIT, Reason.BACKOFF, Reason.PAUSED,
+                             Reason.IMPACT})
 
 
 @dataclass
@@ -167,7 +168,7 @@ class LogLines(Quiet):
         self._report()
 
     def state(self, state: str) -> None:
-        if state != self._last_state and state not in ("throttled",):
+        if state != self._last_state and state != THROTTLED:
             self._last_state = state
             log.info("state", extra={"job": self.job, "shape": self.shape, "state": state,
                                      **summary(self.progress)})

@@ -18,7 +18,7 @@ from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from backfill.checkpoint import BatchResult, Checkpoint, Key
+from backfill.checkpoint import FAILED, SUCCEEDED, BatchResult, Checkpoint, Key
 from backfill.protocols import THROTTLE_REASONS
 
 
@@ -165,7 +165,7 @@ def run_rate(
     if rows is None:
         rows = checkpoint.rows_updated - (run.get("rows_at_start") or 0)
     rate = max(0, rows) / elapsed
-    if run.get("outcome") != "running" or checkpoint.state in ("succeeded", "failed"):
+    if run.get("outcome") != "running" or checkpoint.state in (SUCCEEDED, FAILED):
         return rate, None
     if "cursor_at_start" not in run:  # a state schema from before `init` added it
         return rate, None

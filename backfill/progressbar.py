@@ -37,7 +37,7 @@ from backfill.errors import BatchFailure
 from backfill.observers import Progress as Watched
 from backfill.observers import summary
 from backfill.progress import human_seconds
-from backfill.protocols import Pause
+from backfill.protocols import Pause, Reason
 
 ENDED = (SUCCEEDED, FAILED, INTERRUPTED)
 RECENT = 1.0  # a wait that ended this recently still holds the run (a sleep between batches)
@@ -129,7 +129,7 @@ class ProgressBar:
         if self.current in ENDED:
             return self.current
         if self.holding_since is not None:
-            reason = PAUSED if self.current == PAUSED else self.reason
+            reason = Reason.PAUSED if self.current == PAUSED else self.reason
             held = now - self.holding_since
             return "waiting" + (f": {reason}" if reason else "") + (
                 f" {human_seconds(held)}" if held >= 1 else "")

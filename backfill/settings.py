@@ -84,7 +84,7 @@ class DatabaseSettings(BaseSettings):
             passfile=self.passfile or _home_passfile(),
             target_session_attrs=self.target_session_attrs,
         )
-        params.target()  # raises ConfigError for a URL that cannot be used
+        params.resolve()  # raises ConfigError for a URL that cannot be used
         return params
 
 

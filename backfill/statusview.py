@@ -243,7 +243,7 @@ def _live_lines(
     """Live control: a pause, and each setting's job-file and live value (all live settings
     with ``every``, else only the overridden ones)."""
     lines = [f"  paused by an operator: `backfill resume {job}` to go on"] if overrides.get(
-        control.PAUSED
+        control.PAUSE_KEY
     ) else []
     for key in LIVE_KEYS:
         if key in overrides:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from backfill.checkpoint import BatchResult
-from backfill.control import Knobs, Live, merge, parse_assignments, resolve
+from backfill.control import Knobs, LiveControl, merge, parse_assignments, resolve
 from backfill.errors import ConfigError
 from backfill.job import parse_job
 from backfill.live import LIVE_KEYS
@@ -231,7 +231,7 @@ class Clock:
 
 def governor(probe: FakeProbe, clock: Clock, **fields: Any) -> Governor:
     j = job(**fields)
-    live = Live(Knobs.from_job(j), job="j", clock=clock)
+    live = LiveControl(Knobs.from_job(j), job="j", clock=clock)
     return Governor(live, probe=probe, gates=Gates(probe, "j"), clock=clock)
 
 

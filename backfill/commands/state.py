@@ -141,12 +141,12 @@ class Controlled:
 async def pause(params: ConnectParams, name: str) -> Controlled:
     """Pause a job: its runner finishes the batch in flight and waits (a paused job stays
     paused across restarts until ``resume``). Works before the job's first run too."""
-    return await _change_control(params, name, {control.PAUSED: True}, verb="pause")
+    return await _change_control(params, name, {control.PAUSE_KEY: True}, verb="pause")
 
 
 async def resume(params: ConnectParams, name: str) -> Controlled:
     """Undo ``pause``; a waiting runner goes on within ``check_every``."""
-    return await _change_control(params, name, {control.PAUSED: control.DEFAULT}, verb="resume")
+    return await _change_control(params, name, {control.PAUSE_KEY: control.DEFAULT}, verb="resume")
 
 
 async def set_live(params: ConnectParams, name: str, assignments: Sequence[str]) -> Controlled:

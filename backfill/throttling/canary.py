@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import anyio
 
-from backfill.control import Live
+from backfill.control import LiveControl
 from backfill.errors import one_line
 from backfill.protocols import Probe
 from backfill.throttling.impact import Beat, Controller
@@ -32,7 +32,11 @@ STATEMENTS_EVERY = 0.25  # seconds between reads of pg_stat_statements (a heavie
 
 
 async def measure(
-    probe: Probe, live: Live, budget: Controller, *, clock: Callable[[], float] = time.monotonic
+    probe: Probe,
+    live: LiveControl,
+    budget: Controller,
+    *,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Run until cancelled."""
     looked = read_at = -RECENT

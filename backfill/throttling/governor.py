@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from backfill.checkpoint import BatchResult, State
-from backfill.control import Knobs, Live
+from backfill.control import Knobs, LiveControl
 from backfill.job import Job
 from backfill.protocols import Decision, Pause, Probe, Reason, Throttle
 from backfill.throttling.gates import Gates, Hold
@@ -48,7 +48,7 @@ EPSILON = 0.001  # shorter waits are not worth a pause
 class Governor:
     def __init__(
         self,
-        live: Live,
+        live: LiveControl,
         *,
         probe: Probe | None = None,
         gates: Gates | None = None,
@@ -89,7 +89,7 @@ class Governor:
         self._waiting = pause is not None
         state = State.PAUSED if holding == Reason.PAUSED else (
             State.THROTTLED if holding else State.RUNNING)
-        share = self.impact.batch_share() if self._measured(knobs) else None
+        share = self.impact.batch_share() if self._impact_paces(knobs) else None
         return Decision(pause, share=share, state=state, holding=holding)
 
     def runway(self) -> float:
@@ -101,13 +101,13 @@ class Governor:
         if knobs.paused or b.sleep_seconds or b.sleep_ratio or knobs.limits.max_rows_per_second:
             return 0.0
         every = knobs.throttle.check_every
-        if self._measured(knobs):
+        if self._impact_paces(knobs):
             every = min(every, self.impact.runway(self.clock()))
         if self.gates is not None and self.gates.enabled(knobs):
             return max(0.0, min(every, self._checked_at + every - self.clock()))
         return every
 
-    def _measured(self, knobs: Knobs) -> bool:
+    def _impact_paces(self, knobs: Knobs) -> bool:
         """Whether the impact budget paces the run: it is set, and measuring (or, when it
         cannot, ``on_check_error`` is "pause", which then holds the run)."""
         t = knobs.throttle
@@ -132,7 +132,7 @@ class Governor:
     def _window(self, knobs: Knobs) -> Pause | None:
         """The impact budget holds the run while it measures its baseline, or while it cannot
         measure and ``on_check_error`` says to pause."""
-        if not self._measured(knobs):
+        if not self._impact_paces(knobs):
             return None
         every = knobs.throttle.check_every
         if self.impact.broken is not None:
@@ -149,7 +149,7 @@ class Governor:
             sleep = self._batch_end + want - now
         rate = self.rate.wait(now, knobs.limits.max_rows_per_second)
         impact = 0.0
-        if self._batch_end is not None and self._measured(knobs):
+        if self._batch_end is not None and self._impact_paces(knobs):
             impact = self._batch_end + self.impact.pause(now, self._batch_seconds) - now
         seconds, reason = max(
             (sleep, Reason.SLEEP), (rate, Reason.RATE_LIMIT), (impact, Reason.IMPACT)
@@ -177,7 +177,7 @@ class Governor:
     async def _note(self, pause: Pause | None, knobs: Knobs) -> Reason | None:
         """What holds the run now (said once per change, and shown in the checkpoint)."""
         holding = pause.reason if pause is not None and pause.reason in HOLDING else None
-        if holding is None and self._measured(knobs) and self.impact.holding:
+        if holding is None and self._impact_paces(knobs) and self.impact.holding:
             holding = Reason.IMPACT  # below full speed for the budget: throttled, not each pause
         if holding == self._holding:
             return holding
@@ -224,7 +224,7 @@ class Governor:
 def for_job(job: Job, probe: Probe | None) -> Governor:
     """The governor for a run of ``job``, with its live settings (``governor.live``: they go
     to the loop too, as its control sink)."""
-    live = Live(Knobs.from_job(job), job=job.name)
+    live = LiveControl(Knobs.from_job(job), job=job.name)
     return Governor(live, probe=probe, gates=Gates(probe, job.name) if probe is not None else None)
 
 
