@@ -44,6 +44,11 @@ METRICS_PORT = 9477  # settings.DEFAULT_METRICS_PORT, without importing pydantic
 WATCH_SECONDS = 2.0  # `status --watch` without SECONDS
 
 
+def _metrics_port(help: str) -> Any:
+    """``--metrics-port`` (``run``, ``demo``): a port, 0 for none, unset for the environment's."""
+    return typer.Option(min=0, max=65535, show_default=False, help=help)
+
+
 def _params() -> ConnectParams:
     from pydantic import ValidationError
 
@@ -140,14 +145,10 @@ def run(
             "--shard $(JOB_COMPLETION_INDEX)/N.",
         ),
     ] = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            min=0, max=65535, show_default=False,
-            help=f"Serve Prometheus metrics and /healthz on this port during the run; 0: don't "
-            f"(default: $BACKFILL_METRICS_PORT, else {METRICS_PORT}).",
-        ),
-    ] = None,
+    metrics_port: Annotated[int | None, _metrics_port(
+        f"Serve Prometheus metrics and /healthz on this port during the run; 0: don't "
+        f"(default: $BACKFILL_METRICS_PORT, else {METRICS_PORT})."
+    )] = None,
     progress_every: Annotated[
         float | None,
         typer.Option(
@@ -321,14 +322,10 @@ def demo(
             "on, until Ctrl-C.",
         ),
     ] = False,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            min=0, max=65535, show_default=False,
-            help=f"Serve the run's metrics on 127.0.0.1 at this port; 0: don't (default: "
-            f"$BACKFILL_METRICS_PORT, else {METRICS_PORT}, or a free port if that is taken).",
-        ),
-    ] = None,
+    metrics_port: Annotated[int | None, _metrics_port(
+        f"Serve the run's metrics on 127.0.0.1 at this port; 0: don't (default: "
+        f"$BACKFILL_METRICS_PORT, else {METRICS_PORT}, or a free port if that is taken)."
+    )] = None,
 ) -> None:
     """A real backfill on a throwaway PostgreSQL, to watch and explore.
 

@@ -181,7 +181,8 @@ class TempPostgres:
         self.root = None
 
     def __enter__(self) -> TempPostgres:
-        return self.start()
+        """Start the server, unless it runs already (a ``standby()``): ``stop`` on the way out."""
+        return self if self.root is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,19 @@ def temp_server(*, fast: bool = True, **options: Any) -> TempPostgres:
     return TempPostgres(fast=fast, bindir=Path(BINDIR) if BINDIR else None, **options)
 
 
-@pytest.fixture(scope="session")
-def pg() -> Iterator[TempPostgres]:
-    server = temp_server().start()
-    try:
+@contextmanager
+def serving(*, fast: bool = True, **options: Any) -> Iterator[TempPostgres]:
+    """A test server of its own (``temp_server``'s options), with the template database, for
+    the block."""
+    with temp_server(fast=fast, **options) as server:
         create_template(server)
         yield server
-    finally:
-        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[TempPostgres]:
+    with serving() as server:
+        yield server
 
 
 def create_template(server: TempPostgres) -> None:

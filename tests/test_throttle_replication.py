@@ -21,16 +21,9 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(scope="module")
 def replicated() -> Iterator[tuple[TempPostgres, TempPostgres]]:
     """A primary and a streaming standby that reports its replay position every second."""
-    primary = temp_server(settings={"wal_level": "logical", "max_wal_senders": "4",
-                                    "max_replication_slots": "4"}).start()
-    try:
-        standby = primary.standby()
-        try:
-            yield primary, standby
-        finally:
-            standby.stop()
-    finally:
-        primary.stop()
+    settings = {"wal_level": "logical", "max_wal_senders": "4", "max_replication_slots": "4"}
+    with temp_server(settings=settings) as primary, primary.standby() as standby:
+        yield primary, standby
 
 
 async def fresh_database(server: TempPostgres) -> Database:

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from backfill.pgtemp import TempPostgres
-from tests.conftest import Database, create_template, new_database, temp_server
+from tests.conftest import Database, new_database, serving
 
 from .harness import FIGURES
 
@@ -26,12 +26,8 @@ from .harness import FIGURES
 @pytest.fixture(scope="module")
 def own_pg() -> Iterator[TempPostgres]:
     """A dedicated server for destructive tests (restarts, pg_hba changes)."""
-    server = temp_server().start()
-    try:
-        create_template(server)
+    with serving() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,8 @@ from backfill.job import parse_job
 from backfill.pgtemp import TempPostgres
 from tests.conftest import (
     Database,
-    create_template,
-    new_database,
     seed_users,
-    temp_server,
+    serving,
     users_job,
     write_job,
 )
@@ -56,19 +54,11 @@ LAZY_WAL = {"wal_writer_delay": "10s", "wal_writer_flush_after": "1GB"}
 
 
 @pytest.fixture(scope="module")
-def durable_pg() -> Iterator[TempPostgres]:
-    """A server of its own with fsync and synchronous_commit on (the suite's are off)."""
-    server = temp_server(fast=False, settings=LAZY_WAL).start()
-    try:
-        create_template(server)
+def own_pg() -> Iterator[TempPostgres]:
+    """This module's own server (and so ``own_db``'s) is durable: fsync and synchronous_commit
+    on (the suite's are off), with a lazy WAL writer."""
+    with serving(fast=False, settings=LAZY_WAL) as server:
         yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def durable_db(durable_pg: TempPostgres) -> AsyncIterator[Database]:
-    yield await new_database(durable_pg)
 
 
 def _children(pid: int) -> list[int]:
@@ -177,34 +167,34 @@ async def _batches(db: Database) -> int:
                           ("composite", False)],
 )
 async def test_server_crashes_mid_run_every_row_once(
-    durable_pg: TempPostgres, durable_db: Database, tmp_path: Path, keys: str, grouped: bool,
+    own_pg: TempPostgres, own_db: Database, tmp_path: Path, keys: str, grouped: bool,
     figures: Counter[str],
 ) -> None:
     """The runner as a process; the server crashes four times (immediate stops and SIGKILLs of
     the postmaster) while batches commit, and restarts; the runner reconnects each time."""
     rows = 60_000
-    fields = await _seed(durable_db, keys, rows)
+    fields = await _seed(own_db, keys, rows)
     # Alone: a sleep between batches (the loop decides after each); grouped: none.
     fields |= {"batch": {"size": 200, "sleep_seconds": 0 if grouped else 0.002},
                "limits": {"connect_retry_seconds": "60s", "connect_timeout": "2s"}}
     job = write_job(tmp_path, fields)
-    run = await Cli(tmp_path, "run", job, env=durable_db.env()).start()
+    run = await Cli(tmp_path, "run", job, env=own_db.env()).start()
     try:
         for n, how in enumerate(["immediate", "sigkill", "immediate", "sigkill"]):
-            start = await _batches(durable_db)
-            await eventually(lambda s=start: run.code is not None or _ahead(durable_db, s + 8),
+            start = await _batches(own_db)
+            await eventually(lambda s=start: run.code is not None or _ahead(own_db, s + 8),
                              within=60)
             assert run.code is None, f"ended before crash {n + 1}: {run.output}"
-            seen = await _batches(durable_db)  # committed and visible to others
-            await crash(durable_pg, how)
+            seen = await _batches(own_db)  # committed and visible to others
+            await crash(own_pg, how)
             figures["server_crashes"] += 1
-            figures["acknowledged_batches_lost"] += max(0, seen - await _batches(durable_db))
+            figures["acknowledged_batches_lost"] += max(0, seen - await _batches(own_db))
         assert await run.wait(within=120) == 0, run.output
     finally:
         await run.aclose()
-    await _each_row_once(durable_db, keys, rows, figures)
+    await _each_row_once(own_db, keys, rows, figures)
     # The same run all along: its history was written synchronously, so it survived.
-    runs = await durable_db.fetch("SELECT outcome FROM backfill.runs")
+    runs = await own_db.fetch("SELECT outcome FROM backfill.runs")
     assert [r["outcome"] for r in runs] == ["succeeded"], run.output
 
 
@@ -218,7 +208,7 @@ async def _ahead(db: Database, batches: int) -> bool:
 @pytest.mark.parametrize(("how", "wait_for_flush"),
                          [("immediate", False), ("sigkill", False), ("immediate", True)])
 async def test_a_crash_loses_acknowledged_batches_and_the_run_redoes_them_once(
-    durable_pg: TempPostgres, durable_db: Database, how: str, wait_for_flush: bool,
+    own_pg: TempPostgres, own_db: Database, how: str, wait_for_flush: bool,
     figures: Counter[str],
 ) -> None:
     """In the runner's process, so that the crash lands right after a batch was acknowledged,
@@ -227,7 +217,7 @@ async def test_a_crash_loses_acknowledged_batches_and_the_run_redoes_them_once(
     (``backfill_rows_updated_total``) counts the redone rows once: it ends equal to the
     checkpoint's."""
     rows = 10_000
-    await seed_users(durable_db, f"generate_series(1, {rows})")
+    await seed_users(own_db, f"generate_series(1, {rows})")
     rec = Recorder()
     metrics, counted_by = metrics_of_a_run(job=NAME, table="public.users")
     acknowledged: list[int] = []
@@ -235,16 +225,16 @@ async def test_a_crash_loses_acknowledged_batches_and_the_run_redoes_them_once(
     async def on_commit(result: BatchResult) -> None:
         if len(rec.commits) in (10, 30) and len(acknowledged) < 2:
             acknowledged.append(metrics.tracker.batches)  # the checkpoint as the runner knows it
-            await crash(durable_pg, how)
+            await crash(own_pg, how)
             figures["server_crashes"] += 1
 
     job = parse_job(users_job(where="true", batch={"size": 100, "wait_for_flush": wait_for_flush},
                               limits={"connect_retry_seconds": "60s"}))
     with anyio.fail_after(120):
-        ckpt = await commands.run(job, durable_db.params, observers=[rec, counted_by],
+        ckpt = await commands.run(job, own_db.params, observers=[rec, counted_by],
                                   throttles=[Hook(on_commit)])
     assert ckpt.rows_updated == rows
-    conn = await durable_db.connect()
+    conn = await own_db.connect()
     try:
         await exactly_once(conn, 1, rows)
     finally:

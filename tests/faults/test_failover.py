@@ -27,10 +27,9 @@ from backfill.job import parse_job
 from backfill.pgtemp import TempPostgres
 from tests.conftest import (
     Database,
-    create_template,
     new_database,
     seed_users,
-    temp_server,
+    serving,
     users_job,
     write_job,
 )
@@ -51,16 +50,8 @@ JOB = users_job(where="true", batch={"size": 200, "sleep_seconds": 0.01},
 @pytest.fixture
 def pair() -> Iterator[tuple[TempPostgres, TempPostgres]]:
     """A primary with the state-schema template, and its streaming standby."""
-    primary = temp_server().start()
-    try:
-        create_template(primary)
-        standby = primary.standby()
-        try:
-            yield primary, standby
-        finally:
-            standby.stop()
-    finally:
-        primary.stop()
+    with serving() as primary, primary.standby() as standby:
+        yield primary, standby
 
 
 @pytest.fixture

@@ -25,10 +25,7 @@ from cryptography import x509
 from backfill.pgtemp import TempPostgres
 from tests.conftest import (
     Database,
-    create_template,
-    new_database,
     seed_users,
-    temp_server,
     users_job,
     write_job,
 )
@@ -66,48 +63,44 @@ def _write(path: Path, data: bytes, *, owner: str | None = None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
+def tls(own_pg: TempPostgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
+    """The module's own server, made to accept TLS with certificates of a private CA."""
     ca, wrong = trustme.CA(), trustme.CA()
     # The server's certificate names 127.0.0.1 only: "localhost" is the wrong host name.
     leaf = ca.issue_cert("127.0.0.1")
     client = ca.issue_cert("runner.backfill.test", common_name=CERT_USER)
     local = tmp_path_factory.mktemp("tls")
-    server = temp_server().start()
-    try:
-        assert server.root is not None
-        conf = server.root / "tls"
-        conf.mkdir()
-        if server.user is not None:
-            entry = pwd.getpwnam(server.user)
-            os.chown(conf, entry.pw_uid, entry.pw_gid)
-        chain = b"".join(pem.bytes() for pem in leaf.cert_chain_pems)
-        files = {
-            "ssl_cert_file": _write(conf / "server.crt", chain, owner=server.user),
-            "ssl_key_file": _write(conf / "server.key", leaf.private_key_pem.bytes(),
-                                   owner=server.user),
-            "ssl_ca_file": _write(conf / "ca.crt", ca.cert_pem.bytes(), owner=server.user),
-        }
-        with (server.datadir / "postgresql.conf").open("a") as f:
-            f.write("ssl = on\n" + "".join(f"{k} = '{v}'\n" for k, v in files.items()))
-        hba = server.datadir / "pg_hba.conf"
-        stat = os.stat(hba)
-        hba.write_text(f"hostssl all {CERT_USER} 127.0.0.1/32 cert\n" + hba.read_text())
-        os.chown(hba, stat.st_uid, stat.st_gid)
-        server.pg_ctl("reload")
-        anyio.run(_enabled, server, backend="asyncio")
-        create_template(server)
-        yield Tls(
-            server=server,
-            ca=_write(local / "ca.crt", ca.cert_pem.bytes()),
-            wrong_ca=_write(local / "wrong-ca.crt", wrong.cert_pem.bytes()),
-            client_cert=_write(local / "client.crt",
-                               b"".join(p.bytes() for p in client.cert_chain_pems)),
-            client_key=_write(local / "client.key", client.private_key_pem.bytes()),
-            client_serial=x509.load_pem_x509_certificate(
-                client.cert_chain_pems[0].bytes()).serial_number,
-        )
-    finally:
-        server.stop()
+    assert own_pg.root is not None
+    conf = own_pg.root / "tls"
+    conf.mkdir()
+    if own_pg.user is not None:
+        entry = pwd.getpwnam(own_pg.user)
+        os.chown(conf, entry.pw_uid, entry.pw_gid)
+    chain = b"".join(pem.bytes() for pem in leaf.cert_chain_pems)
+    files = {
+        "ssl_cert_file": _write(conf / "server.crt", chain, owner=own_pg.user),
+        "ssl_key_file": _write(conf / "server.key", leaf.private_key_pem.bytes(),
+                               owner=own_pg.user),
+        "ssl_ca_file": _write(conf / "ca.crt", ca.cert_pem.bytes(), owner=own_pg.user),
+    }
+    with (own_pg.datadir / "postgresql.conf").open("a") as f:
+        f.write("ssl = on\n" + "".join(f"{k} = '{v}'\n" for k, v in files.items()))
+    hba = own_pg.datadir / "pg_hba.conf"
+    stat = os.stat(hba)
+    hba.write_text(f"hostssl all {CERT_USER} 127.0.0.1/32 cert\n" + hba.read_text())
+    os.chown(hba, stat.st_uid, stat.st_gid)
+    own_pg.pg_ctl("reload")
+    anyio.run(_enabled, own_pg, backend="asyncio")
+    yield Tls(
+        server=own_pg,
+        ca=_write(local / "ca.crt", ca.cert_pem.bytes()),
+        wrong_ca=_write(local / "wrong-ca.crt", wrong.cert_pem.bytes()),
+        client_cert=_write(local / "client.crt",
+                           b"".join(p.bytes() for p in client.cert_chain_pems)),
+        client_key=_write(local / "client.key", client.private_key_pem.bytes()),
+        client_serial=x509.load_pem_x509_certificate(
+            client.cert_chain_pems[0].bytes()).serial_number,
+    )
 
 
 async def _enabled(server: TempPostgres) -> None:
@@ -127,11 +120,10 @@ async def _ssl_on(conn: asyncpg.Connection) -> bool:
 
 
 @pytest.fixture
-async def tls_db(tls: Tls) -> AsyncIterator[Database]:
-    db = await new_database(tls.server)
-    await seed_users(db, f"generate_series(1, {ROWS})")
-    await db.execute("ALTER TABLE users ADD COLUMN seen text")
-    yield db
+async def tls_db(tls: Tls, own_db: Database) -> AsyncIterator[Database]:
+    await seed_users(own_db, f"generate_series(1, {ROWS})")
+    await own_db.execute("ALTER TABLE users ADD COLUMN seen text")
+    yield own_db
 
 
 def _url(db: Database, *, user: str = "postgres", host: str = "127.0.0.1", **query: Path | str
