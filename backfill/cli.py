@@ -49,16 +49,22 @@ def _metrics_port(help: str) -> Any:
     return typer.Option(min=0, max=65535, show_default=False, help=help)
 
 
-def _params() -> ConnectParams:
+def _from_environment(read: Callable[[], T], what: str) -> T:
+    """``read()`` settings from the environment: a value they refuse is a ``ConfigError`` that
+    names ``what`` and the variable."""
     from pydantic import ValidationError
 
-    from backfill.settings import DatabaseSettings
-
     try:
-        return DatabaseSettings().params()
+        return read()
     except ValidationError as exc:
         where, message = first_error(exc)
-        raise ConfigError(f"connection settings: {where[-1]}: {message}") from exc
+        raise ConfigError(f"{what}: {where[-1]}: {message}") from exc
+
+
+def _params() -> ConnectParams:
+    from backfill.settings import DatabaseSettings
+
+    return _from_environment(lambda: DatabaseSettings().params(), "connection settings")
 
 
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
@@ -376,15 +382,9 @@ def manifest(
 
 
 def _telemetry(*, metrics_port: int | None, log_every: float | None) -> Telemetry:
-    from pydantic import ValidationError
-
     from backfill.settings import TelemetrySettings
 
-    try:
-        settings = TelemetrySettings()
-    except ValidationError as exc:
-        where, message = first_error(exc)
-        raise ConfigError(f"metrics settings: {where[-1]}: {message}") from exc
+    settings = _from_environment(TelemetrySettings, "metrics settings")
     return settings.telemetry(metrics_port=metrics_port, log_every=log_every)
 
 
