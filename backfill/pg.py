@@ -1,5 +1,5 @@
-"""asyncpg at the edge: connecting with a time budget, and the one place where driver errors
-become the runner's decisions (``translate``)."""
+"""asyncpg at the edge: connecting with a time budget, closing within one (``close``), and
+the one place where driver errors become the runner's decisions (``translate``)."""
 
 from __future__ import annotations
 
