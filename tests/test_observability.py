@@ -13,11 +13,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backfill import commands, estimate
+from backfill import commands, estimate, metrics
 from backfill.checkpoint import Checkpoint
-from backfill.commands import runner
 from backfill.job import parse_job
 from backfill.metrics import RunMetrics
+from backfill.pgtemp import free_port
 from backfill.progress import Tracker
 from backfill.settings import Telemetry
 from tests.conftest import Database, cli, popen, seed_users, users_job, write_job
@@ -145,10 +145,12 @@ async def test_metrics_of_a_run_through_the_api(
         captured.append(RunMetrics(**kwargs))
         return captured[-1]
 
-    monkeypatch.setattr(runner, "RunMetrics", keep)
-    # Port 0: no endpoint; the run still keeps its metrics, checked here.
+    monkeypatch.setattr(metrics, "RunMetrics", keep)
+    # Served on a port (with port 0 and no Pushgateway a run keeps no metrics: they would go
+    # nowhere); what the run kept is read here.
+    telemetry = Telemetry(metrics_port=free_port(), metrics_address="127.0.0.1")
     ckpt = await commands.run(parse_job(users_job()), db.params, observers=[],
-                              telemetry=Telemetry(metrics_port=0))
+                              telemetry=telemetry)
     text = generate_latest(captured[0].served).decode()
     values = {
         (s.name, s.labels.get("outcome") or s.labels.get("state")): s.value

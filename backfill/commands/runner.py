@@ -8,7 +8,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 
@@ -16,10 +16,8 @@ from backfill.checkpoint import FAILED, INTERRUPTED, Checkpoint
 from backfill.connector import Identity, PgConnector
 from backfill.errors import BackfillError, Interrupted, RowError
 from backfill.estimate import FirstStart, estimate_progress
-from backfill.export import Exporter
 from backfill.job import DONE_WORDS, Job
 from backfill.loop import Loop, Policy
-from backfill.metrics import RunMetrics
 from backfill.observers import Fanout, LogLines, Progress
 from backfill.progress import Tracker
 from backfill.protocols import Observer, Throttle
@@ -28,6 +26,9 @@ from backfill.settings import ConnectParams, Telemetry
 from backfill.shutdown import Stop, stop_after, watch_signals
 from backfill.throttling import canary, governor
 from backfill.throttling.probe import PgProbe
+
+if TYPE_CHECKING:
+    from backfill.export import Exporter
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ async def run(
     """Run the job to the end of its key range (or resume it). Returns the final checkpoint.
 
     SIGTERM/SIGINT stop after the batch in flight (``Interrupted``, exit 75); a second signal
-    aborts the batch in flight, which rolls back. With ``telemetry``, the run's Prometheus
-    metrics are served and/or pushed (``backfill.export``) for as long as it lasts.
+    aborts the batch in flight, which rolls back. With ``telemetry`` (a port or a Pushgateway),
+    the run's Prometheus metrics are served and/or pushed (``backfill.export``) for as long as
+    it lasts.
     """
     tracker = Tracker()
     trackers: list[Tracker] = []  # those that show progress, for a text key's sampled estimate
@@ -88,7 +90,12 @@ async def run(
         )
         trackers.append(tracker)
     exporter: Exporter | None = None
-    if telemetry is not None:
+    if telemetry is not None and (telemetry.metrics_port or telemetry.pushgateway_url):
+        # prometheus-client and an HTTP server only for metrics that go somewhere: ~20 ms of
+        # imports before the first batch otherwise.
+        from backfill.export import Exporter
+        from backfill.metrics import RunMetrics
+
         metrics = RunMetrics(job=job.name, table=job.table.display, shard=shard.index,
                              shape=job.shape)
         exporter = Exporter(metrics, telemetry)
@@ -100,7 +107,7 @@ async def run(
     # Gates and live control while no batch runs use a small second connection, opened lazily.
     probe = PgProbe(params, job, shard=shard.index)
     gov = governor.for_job(job, probe)
-    if telemetry is not None:
+    if exporter is not None:
         metrics.watch(gov.impact, lambda: gov.live.knobs.throttle.impact_budget)
     loop = Loop(
         policy_for(job),
