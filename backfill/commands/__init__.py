@@ -3,8 +3,8 @@
 Each takes validated values (a ``Job``, ``ConnectParams``) and raises ``BackfillError``
 subclasses; the CLI only parses arguments and maps errors to exit codes.
 
-The verbs' modules are imported when first used (PEP 562): ``backfill run`` imports only the
-runner's, before its first batch.
+Each verb's module is imported when one of its names is first used (PEP 562): ``backfill run``
+loads only the runner's before its first batch.
 """
 
 from __future__ import annotations
@@ -13,48 +13,31 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from backfill.commands._common import ADMIN_BUDGET
-    from backfill.commands.inspect import Plan, plan, verify
-    from backfill.commands.runner import run
-    from backfill.commands.state import (
-        Controlled,
-        Impact,
-        Rate,
-        Status,
-        init,
-        pause,
-        reset,
-        resume,
-        set_live,
-        status,
-    )
+    from backfill.commands._common import ADMIN_BUDGET as ADMIN_BUDGET
+    from backfill.commands.inspect import Plan as Plan
+    from backfill.commands.inspect import plan as plan
+    from backfill.commands.inspect import verify as verify
+    from backfill.commands.runner import run as run
+    from backfill.commands.state import Controlled as Controlled
+    from backfill.commands.state import Impact as Impact
+    from backfill.commands.state import Rate as Rate
+    from backfill.commands.state import Status as Status
+    from backfill.commands.state import init as init
+    from backfill.commands.state import pause as pause
+    from backfill.commands.state import reset as reset
+    from backfill.commands.state import resume as resume
+    from backfill.commands.state import set_live as set_live
+    from backfill.commands.state import status as status
 
-_WHERE = {
-    "ADMIN_BUDGET": "_common",
-    "Plan": "inspect", "plan": "inspect", "verify": "inspect",
-    "run": "runner",
-    "Controlled": "state", "Impact": "state", "Rate": "state", "Status": "state",
-    "init": "state", "pause": "state", "reset": "state", "resume": "state",
-    "set_live": "state", "status": "state",
+# Where each public name lives.
+_MODULES = {
+    "_common": ("ADMIN_BUDGET",),
+    "inspect": ("Plan", "plan", "verify"),
+    "runner": ("run",),
+    "state": ("Controlled", "Impact", "Rate", "Status", "init", "pause", "reset", "resume",
+              "set_live", "status"),
 }
-
-__all__ = [
-    "ADMIN_BUDGET",
-    "Controlled",
-    "Impact",
-    "Plan",
-    "Rate",
-    "Status",
-    "init",
-    "pause",
-    "plan",
-    "reset",
-    "resume",
-    "run",
-    "set_live",
-    "status",
-    "verify",
-]
+_WHERE = {name: module for module, names in _MODULES.items() for name in names}
 
 if not TYPE_CHECKING:  # mypy reads the imports above, and still flags a name not among them
 
