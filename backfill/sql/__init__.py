@@ -173,6 +173,9 @@ from backfill.sql.state import (
     APPLIED as APPLIED,
 )
 from backfill.sql.state import (
+    ARRAY_TYPES as ARRAY_TYPES,
+)
+from backfill.sql.state import (
     BACKEND_PID as BACKEND_PID,
 )
 from backfill.sql.state import (

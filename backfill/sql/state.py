@@ -146,6 +146,11 @@ SELECT pg_try_advisory_lock(hashtext('backfill:' || $1), $2) AS locked, pg_backe
 """
 # The backend serving this connection.
 BACKEND_PID = "SELECT pg_backend_pid()"
+# The array types the runner's statements use (keys, a batch's ``recent``, the catalog
+# checks' flags), named in one statement right after connecting: asyncpg looks up each type it
+# does not know at the first statement that uses it (a recursive catalog query, with JIT
+# switched off and on around it), once per statement that brings new ones otherwise.
+ARRAY_TYPES = "SELECT NULL::text[], NULL::int8[], NULL::bool[]"
 # Who holds a job's lock: its backend, client and since when.
 LOCK_HOLDER = """
 SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.backend_start
