@@ -28,7 +28,11 @@ _SOURCE_RIGHTS = {"update": ("select", "update"), "copy": ("select", "update"),
 
 
 async def _relation(conn: asyncpg.Connection, field: str, table: Table) -> asyncpg.Record:
-    rel = await conn.fetchrow(sql.RELATION, table.schema_, table.name)
+    return _table(field, table, await conn.fetchrow(sql.RELATION, table.schema_, table.name))
+
+
+def _table(field: str, table: Table, rel: asyncpg.Record | None) -> asyncpg.Record:
+    """``rel`` (a row with ``relkind``), if it is a table."""
     if rel is None:
         raise ConfigError(f"{field}: {table.display} does not exist")
     if rel["relkind"] not in ("r", "p"):
@@ -41,6 +45,10 @@ async def _relation(conn: asyncpg.Connection, field: str, table: Table) -> async
 async def _require(conn: asyncpg.Connection, oid: int, table: str, rights: Iterable[str]) -> None:
     granted = await conn.fetchrow(sql.PRIVILEGES, oid)
     assert granted is not None
+    _granted(granted, table, rights)
+
+
+def _granted(granted: asyncpg.Record, table: str, rights: Iterable[str]) -> None:
     for right in rights:
         if not granted[f"can_{right}"]:
             raise ConfigError(
@@ -49,30 +57,35 @@ async def _require(conn: asyncpg.Connection, oid: int, table: str, rights: Itera
 
 
 async def resolve(conn: asyncpg.Connection, job: Job) -> Target:
+    """The job's table and key, checked against the catalog in one round trip."""
     table = job.table.display
-    rel = await _relation(conn, "table", job.table)
-    rows = await conn.fetch(sql.COLUMNS, rel["oid"], list(job.key))
-    found = {r["name"]: r for r in rows}
+    row = _table("table", job.table, await conn.fetchrow(
+        sql.RESOLVE, job.table.schema_, job.table.name, list(job.key)
+    ))
+    described = zip(row["names"] or [], row["sql_types"] or [], row["type_names"] or [],
+                    row["not_null"] or [], strict=True)
+    found = {name: (sql_type, type_name, not_null)
+             for name, sql_type, type_name, not_null in described}
     for name in job.key:
         column = found.get(name)
         if column is None:
             raise ConfigError(f"key: column {name} does not exist in {table}")
-        if not column["not_null"]:
+        sql_type, type_name, not_null = column
+        if not not_null:
             raise ConfigError(f"key: column {name} of {table} allows NULL")
-        if column["type_name"] not in KEY_TYPES:
+        if type_name not in KEY_TYPES:
             raise ConfigError(
-                f"key: column {name} has type {column['sql_type']}, not one of "
+                f"key: column {name} has type {sql_type}, not one of "
                 "smallint/integer/bigint, numeric, uuid, text/varchar, date, timestamp(tz)"
             )
-    attnums = [found[name]["attnum"] for name in job.key]
-    if await conn.fetchval(sql.UNIQUE_INDEX, rel["oid"], attnums) is None:
+    if not row["key_unique"]:
         columns = ", ".join(job.key)
         raise ConfigError(
             f"key: ({columns}) is not unique in {table}: it needs a primary key or a unique "
             "btree index on exactly these columns, in this order"
         )
-    await _require(conn, rel["oid"], table, _SOURCE_RIGHTS[job.shape])
-    key = tuple(KeyColumn(name, found[name]["sql_type"]) for name in job.key)
+    _granted(row, table, _SOURCE_RIGHTS[job.shape])
+    key = tuple(KeyColumn(name, found[name][0]) for name in job.key)
     return Target(schema=job.table.schema_, table=job.table.name, key=key)
 
 

@@ -68,9 +68,13 @@ async def schema_version(conn: asyncpg.Connection) -> int:
 
 
 async def require_state_schema(conn: asyncpg.Connection) -> None:
-    if not await conn.fetchval(sql.STATE_EXISTS):
+    try:  # one round trip, unless the schema or its version table is missing
+        state, version = await conn.fetchrow(sql.STATE_AND_VERSION) or (False, 0)
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+        state, version = await conn.fetchval(sql.STATE_EXISTS), 0
+    if not state:
         raise ConfigError("the state schema 'backfill' does not exist: run `backfill init` first")
-    if await schema_version(conn) < sql.LATEST:
+    if version < sql.LATEST:
         raise ConfigError(
             "the state schema 'backfill' is from an older version: "
             "run `backfill init` to upgrade it"
@@ -190,20 +194,17 @@ class PgConnector:
                     )
             session = PgSession(conn, job, target, ckpt, change=change, pid=pid)
             await session.prepare()
-            async with conn.transaction():
-                # After a lost connection this process's run goes on (unless another runner
-                # closed it meanwhile): a reconnection is not a killed run.
-                run_id = self.run_id and await conn.fetchval(sql.RUN_OPEN, self.run_id)
-                if not run_id:
-                    await conn.execute(sql.CLOSE_ABANDONED, job.name, shard)
-                    run_id = await conn.fetchval(
-                        sql.OPEN_RUN, job.name, shard, job.fingerprint, __version__,
-                        str(self.identity),
-                    )
-                await conn.execute(sql.START, job.name, shard, str(self.identity))
-                await conn.execute(sql.SAVE_SETTINGS, job.name, shard, file_settings(job))
-            self.run_id = session.run_id = run_id  # only once committed
-            session._checkpoint = await _load(conn, job.name, shard)
+            # The run's bookkeeping in one round trip. After a lost connection this process's
+            # run goes on (unless another runner closed it meanwhile): a reconnection is not a
+            # killed run.
+            row = await conn.fetchrow(
+                sql.BEGIN_RUN, job.name, shard, str(self.identity), job.fingerprint,
+                __version__, self.run_id, file_settings(job),
+            )
+            if row is None:
+                raise Vanished(job.name)
+            self.run_id = session.run_id = row["run_id"]  # only once committed
+            session._checkpoint = to_checkpoint(row)
             return session
         except (ConfigError, JobBusy):
             raise

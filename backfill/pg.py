@@ -107,6 +107,7 @@ async def connect(
         await conn.set_type_codec(
             "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
+        await conn.fetchrow(sql.ARRAY_TYPES)  # one type lookup, not one per statement
     except BaseException as exc:
         conn.terminate()
         if isinstance(exc, Exception):

@@ -80,8 +80,7 @@ def split(lo: Key | None, hi: Key | None, cuts: Sequence[Key], count: int) -> li
 
 async def bounds(conn: asyncpg.Connection, target: Target) -> tuple[Key | None, Key | None]:
     """The table's lowest and highest key today (None, None when it is empty)."""
-    lo = await conn.fetchval(sql.lowest(target))
-    hi = await conn.fetchval(sql.highest(target))
+    lo, hi = await conn.fetchrow(sql.key_bounds(target)) or (None, None)
     return (tuple(lo) if lo else None), (tuple(hi) if hi else None)
 
 

@@ -13,9 +13,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backfill import commands, estimate
+from backfill import commands, estimate, metrics
 from backfill.checkpoint import BatchResult, Checkpoint
-from backfill.commands import runner
 from backfill.job import parse_job
 from backfill.metrics import RunMetrics
 from backfill.observers import Quiet
@@ -141,7 +140,7 @@ async def test_metrics_of_a_run_through_the_api(
         captured.append(RunMetrics(**kwargs))
         return captured[-1]
 
-    monkeypatch.setattr(runner, "RunMetrics", keep)
+    monkeypatch.setattr(metrics, "RunMetrics", keep)
     # Port 0: no endpoint; the run still keeps its metrics, checked here.
     ckpt = await commands.run(parse_job(users_job()), db.params, observers=[],
                               telemetry=Telemetry(metrics_port=0))

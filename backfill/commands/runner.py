@@ -8,7 +8,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 
@@ -17,10 +17,8 @@ from backfill.connector import Identity, PgConnector
 from backfill.conninfo import ConnectParams
 from backfill.errors import BackfillError, Interrupted, RowError
 from backfill.estimate import FirstStart, estimate_progress
-from backfill.export import Exporter
 from backfill.job import DONE_WORDS, Job
 from backfill.loop import Loop, Policy
-from backfill.metrics import RunMetrics
 from backfill.observers import Fanout, LogLines, Progress
 from backfill.progress import Tracker
 from backfill.protocols import Observer, Throttle
@@ -30,6 +28,9 @@ from backfill.shutdown import Stop, stop_after, watch_signals
 from backfill.sizing import AdaptiveSizer
 from backfill.throttling import canary, governor
 from backfill.throttling.probe import PgProbe
+
+if TYPE_CHECKING:
+    from backfill.export import Exporter
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,10 @@ async def run(
         )
     exporter: Exporter | None = None
     if telemetry is not None:
+        # prometheus-client only with telemetry (an API run without it imports none of it).
+        from backfill.export import Exporter
+        from backfill.metrics import RunMetrics
+
         metrics = RunMetrics(job=job.name, table=job.table.display, shard=shard.index,
                              shape=job.shape, tracker=progress.tracker)
         exporter = Exporter(metrics, telemetry)
@@ -106,7 +111,7 @@ async def run(
     # Gates and live control while no batch runs use a small second connection, opened lazily.
     probe = PgProbe(params, job, shard=shard.index)
     gov = governor.for_job(job, probe)
-    if telemetry is not None:
+    if exporter is not None:
         metrics.watch(gov.impact, lambda: gov.live.knobs.throttle.impact_budget)
     loop = Loop(
         policy_for(job),

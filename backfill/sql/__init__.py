@@ -41,9 +41,6 @@ from backfill.sql.catalog import (
     ALL_COLUMNS as ALL_COLUMNS,
 )
 from backfill.sql.catalog import (
-    COLUMNS as COLUMNS,
-)
-from backfill.sql.catalog import (
     ESTIMATED_ROWS as ESTIMATED_ROWS,
 )
 from backfill.sql.catalog import (
@@ -53,13 +50,13 @@ from backfill.sql.catalog import (
     RELATION as RELATION,
 )
 from backfill.sql.catalog import (
+    RESOLVE as RESOLVE,
+)
+from backfill.sql.catalog import (
     TABLE_PAGES as TABLE_PAGES,
 )
 from backfill.sql.catalog import (
     UNINDEXED_REFERENCES as UNINDEXED_REFERENCES,
-)
-from backfill.sql.catalog import (
-    UNIQUE_INDEX as UNIQUE_INDEX,
 )
 from backfill.sql.catalog import (
     UNIQUE_INDEXES as UNIQUE_INDEXES,
@@ -69,6 +66,9 @@ from backfill.sql.catalog import (
 )
 from backfill.sql.catalog import (
     highest as highest,
+)
+from backfill.sql.catalog import (
+    key_bounds as key_bounds,
 )
 from backfill.sql.catalog import (
     lowest as lowest,
@@ -96,9 +96,6 @@ from backfill.sql.control import (
 )
 from backfill.sql.control import (
     PENDING_CONTROLS as PENDING_CONTROLS,
-)
-from backfill.sql.control import (
-    SAVE_SETTINGS as SAVE_SETTINGS,
 )
 from backfill.sql.probes import (
     ACTIVE_SESSIONS as ACTIVE_SESSIONS,
@@ -176,10 +173,13 @@ from backfill.sql.state import (
     APPLIED as APPLIED,
 )
 from backfill.sql.state import (
+    ARRAY_TYPES as ARRAY_TYPES,
+)
+from backfill.sql.state import (
     BACKEND_PID as BACKEND_PID,
 )
 from backfill.sql.state import (
-    CLOSE_ABANDONED as CLOSE_ABANDONED,
+    BEGIN_RUN as BEGIN_RUN,
 )
 from backfill.sql.state import (
     CLOSE_RUN as CLOSE_RUN,
@@ -227,13 +227,7 @@ from backfill.sql.state import (
     NOW as NOW,
 )
 from backfill.sql.state import (
-    OPEN_RUN as OPEN_RUN,
-)
-from backfill.sql.state import (
     RESET as RESET,
-)
-from backfill.sql.state import (
-    RUN_OPEN as RUN_OPEN,
 )
 from backfill.sql.state import (
     SCHEMA_VERSION as SCHEMA_VERSION,
@@ -245,7 +239,7 @@ from backfill.sql.state import (
     SKIP as SKIP,
 )
 from backfill.sql.state import (
-    START as START,
+    STATE_AND_VERSION as STATE_AND_VERSION,
 )
 from backfill.sql.state import (
     STATE_EXISTS as STATE_EXISTS,

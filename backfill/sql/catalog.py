@@ -10,28 +10,48 @@ SELECT c.oid::int8 AS oid, c.relkind::text AS relkind
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = $1 AND c.relname = $2
 """
-# The named columns of a table: type as printed, type name, NOT NULL, number.
-COLUMNS = """
-SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type,
-       t.typname::text AS type_name, a.attnotnull AS not_null, a.attnum::int AS attnum
-FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-WHERE a.attrelid = $1::oid AND a.attname = ANY($2::text[]) AND a.attnum > 0 AND NOT a.attisdropped
-"""
-# A valid, non-partial unique btree index on exactly the key columns, in the key's order.
-UNIQUE_INDEX = """
-SELECT 1 FROM pg_index i
-JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
-WHERE i.indrelid = $1::oid AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
-  AND i.indexprs IS NULL AND am.amname = 'btree' AND i.indnkeyatts = cardinality($2::int2[])
-  AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality($2::int2[])] = $2::int2[]
-LIMIT 1
-"""
-# What the current role may do on a table (any column for SELECT and UPDATE).
-PRIVILEGES = """
-SELECT has_any_column_privilege($1::oid, 'UPDATE') AS can_update,
-       has_any_column_privilege($1::oid, 'SELECT') AS can_select,
-       has_table_privilege($1::oid, 'INSERT') AS can_insert,
-       has_table_privilege($1::oid, 'DELETE') AS can_delete, current_user::text AS role
+
+
+def _privileges(oid: str) -> str:
+    """What the current role may do on the table ``oid`` (any column for SELECT and UPDATE)."""
+    return f"""
+SELECT has_any_column_privilege({oid}, 'UPDATE') AS can_update,
+       has_any_column_privilege({oid}, 'SELECT') AS can_select,
+       has_table_privilege({oid}, 'INSERT') AS can_insert,
+       has_table_privilege({oid}, 'DELETE') AS can_delete, current_user::text AS role"""
+
+
+PRIVILEGES = _privileges("$1::oid")
+# A job's table ($1 schema, $2 name) and key ($3, its column names in order), checked in one
+# round trip: the relation's oid and kind (no row when there is none); the key's columns that
+# exist, in the key's order, each with its type as printed, type name, NOT NULL and number;
+# whether a valid, non-partial unique btree index is on exactly these columns, in this order;
+# and what the current role may do on the table.
+RESOLVE = f"""
+SELECT r.oid, r.relkind, k.names, k.sql_types, k.type_names, k.not_null,
+       EXISTS (
+           SELECT FROM pg_index i
+           JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
+           WHERE i.indrelid = r.oid::oid AND i.indisunique AND i.indisvalid
+             AND i.indpred IS NULL AND i.indexprs IS NULL AND am.amname = 'btree'
+             AND i.indnkeyatts = cardinality(k.attnums)
+             AND (string_to_array(i.indkey::text, ' ')::int2[])[1:cardinality(k.attnums)]
+                 = k.attnums
+       ) AS key_unique,
+       p.*
+FROM ({RELATION}) r
+CROSS JOIN LATERAL (
+    SELECT array_agg(a.attname::text ORDER BY n.i) AS names,
+           array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY n.i) AS sql_types,
+           array_agg(t.typname::text ORDER BY n.i) AS type_names,
+           array_agg(a.attnotnull ORDER BY n.i) AS not_null,
+           array_agg(a.attnum ORDER BY n.i)::int2[] AS attnums
+    FROM unnest($3::text[]) WITH ORDINALITY n(name, i)
+    JOIN pg_attribute a ON a.attrelid = r.oid::oid AND a.attname = n.name AND a.attnum > 0
+                           AND NOT a.attisdropped
+    JOIN pg_type t ON t.oid = a.atttypid
+) k
+CROSS JOIN LATERAL ({_privileges("r.oid::oid")}) p
 """
 # Every column of a table, in order: what a copy or an archive may write.
 ALL_COLUMNS = """
@@ -71,6 +91,11 @@ def lowest(t: Target) -> str:
 
 def highest(t: Target) -> str:
     return f"SELECT {t.as_text()} FROM {t.relation} ORDER BY {t.order('DESC')} LIMIT 1"
+
+
+def key_bounds(t: Target) -> str:
+    """The lowest and highest key in one statement (``lo``, ``hi``: NULL for an empty table)."""
+    return f"SELECT ({lowest(t)}) AS lo, ({highest(t)}) AS hi"
 
 
 def quantiles(t: Target) -> str:

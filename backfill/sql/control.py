@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from backfill.sql.text import SCHEMA
 
-# Record the job file's speed settings a run started with (for `status`).
-SAVE_SETTINGS = f"UPDATE {SCHEMA}.checkpoints SET settings = $3 WHERE job = $1 AND shard = $2"
 # `pause`, `resume`, `set`: under the job's creation lock, so a first run that is creating the
 # checkpoints either sees the pending overrides or has already created the rows they go to.
 CONTROL_ROWS = f"""

@@ -137,6 +137,8 @@ INIT = ";\n".join(
 STATE_EXISTS = f"SELECT to_regclass('{SCHEMA}.checkpoints') IS NOT NULL"
 # Whether the state schema has its version table (an install from after versions).
 VERSIONS_EXIST = f"SELECT to_regclass('{SCHEMA}.schema_version') IS NOT NULL"
+# Both at once, when the version table is there (an error when it is not): one round trip.
+STATE_AND_VERSION = f"SELECT ({STATE_EXISTS}) AS state, ({SCHEMA_VERSION}) AS version"
 
 # An advisory lock per (job, shard); session-level, so it dies with the runner's connection.
 TRY_LOCK = """
@@ -144,6 +146,11 @@ SELECT pg_try_advisory_lock(hashtext('backfill:' || $1), $2) AS locked, pg_backe
 """
 # The backend serving this connection.
 BACKEND_PID = "SELECT pg_backend_pid()"
+# The array types the runner's statements use (keys, a batch's ``recent``, the catalog
+# checks' flags), named in one statement right after connecting: asyncpg looks up each type it
+# does not know at the first statement that uses it (a recursive catalog query, with JIT
+# switched off and on around it), once per statement that brings new ones otherwise.
+ARRAY_TYPES = "SELECT NULL::text[], NULL::int8[], NULL::bool[]"
 # Who holds a job's lock: its backend, client and since when.
 LOCK_HOLDER = """
 SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.backend_start
@@ -178,13 +185,6 @@ VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8,
         coalesce((SELECT control FROM {SCHEMA}.controls WHERE job = $1), '{{}}'), $9)
 ON CONFLICT DO NOTHING
 """
-# Mark a shard running under a holder (a succeeded one stays succeeded).
-START = f"""
-UPDATE {SCHEMA}.checkpoints
-SET state = CASE WHEN state = 'succeeded' THEN state ELSE 'running' END,
-    holder = $3, error = NULL, started_at = coalesce(started_at, now()), updated_at = now()
-WHERE job = $1 AND shard = $2
-"""
 # A shard's final state and error at the end of a run.
 FINISH = f"""
 UPDATE {SCHEMA}.checkpoints
@@ -200,23 +200,46 @@ DELETE FROM {SCHEMA}.checkpoints WHERE job = $1
 
 # Runs: a row per execution. A run killed without a goodbye is closed by the next one from the
 # checkpoint's counters, so the audit trail stays exact without a write per batch.
-CLOSE_ABANDONED = f"""
-UPDATE {SCHEMA}.runs r
-SET outcome = 'killed', ended_at = c.updated_at,
-    rows_updated = c.rows_updated - r.rows_at_start, batches = c.batches - r.batches_at_start
-FROM {SCHEMA}.checkpoints c
-WHERE r.job = $1 AND r.shard = $2 AND r.outcome = 'running' AND c.job = r.job AND c.shard = r.shard
+#
+# A session's start, in one statement (one round trip, one transaction): the run goes on ($6,
+# this process's run, unless another runner closed it meanwhile: a reconnection is not a
+# killed run), or else the job's abandoned runs are closed and a new one is opened from the
+# checkpoint's counters; and the checkpoint is marked running under its holder ($3; a
+# succeeded one stays succeeded) with the job file's speed settings ($7), in one UPDATE (a
+# statement changes a row once). Every part reads the statement's snapshot, which is what each
+# saw when they were sent one after another in a transaction. Returns the run's id and the
+# checkpoint as it now stands; no row when the checkpoint is gone.
+# Parameters: $1 job, $2 shard, $3 holder, $4 fingerprint, $5 version, $6 run id (or NULL),
+# $7 settings.
+BEGIN_RUN = f"""
+WITH backfill_kept AS (
+    SELECT id FROM {SCHEMA}.runs WHERE id = $6::int8 AND outcome = 'running'
+), backfill_abandoned AS (
+    UPDATE {SCHEMA}.runs r
+    SET outcome = 'killed', ended_at = c.updated_at,
+        rows_updated = c.rows_updated - r.rows_at_start, batches = c.batches - r.batches_at_start
+    FROM {SCHEMA}.checkpoints c
+    WHERE NOT EXISTS (SELECT FROM backfill_kept)
+      AND r.job = $1 AND r.shard = $2 AND r.outcome = 'running'
+      AND c.job = r.job AND c.shard = r.shard
+), backfill_opened AS (
+    INSERT INTO {SCHEMA}.runs
+        (job, shard, fingerprint, version, host, rows_at_start, batches_at_start, cursor_at_start)
+    SELECT $1, $2, $4, $5, $3, rows_updated, batches, cursor FROM {SCHEMA}.checkpoints
+    WHERE job = $1 AND shard = $2 AND NOT EXISTS (SELECT FROM backfill_kept)
+    RETURNING id
+), backfill_started AS (
+    UPDATE {SCHEMA}.checkpoints
+    SET state = CASE WHEN state = 'succeeded' THEN state ELSE 'running' END,
+        holder = $3, error = NULL, started_at = coalesce(started_at, now()), updated_at = now(),
+        settings = $7::jsonb
+    WHERE job = $1 AND shard = $2
+    RETURNING *
+)
+SELECT coalesce((SELECT id FROM backfill_kept), (SELECT id FROM backfill_opened)) AS run_id,
+       backfill_started.*
+FROM backfill_started
 """
-# A new row in the run history, from the checkpoint's counters.
-OPEN_RUN = f"""
-INSERT INTO {SCHEMA}.runs
-    (job, shard, fingerprint, version, host, rows_at_start, batches_at_start, cursor_at_start)
-SELECT $1, $2, $3, $4, $5, rows_updated, batches, cursor FROM {SCHEMA}.checkpoints
-WHERE job = $1 AND shard = $2
-RETURNING id
-"""
-# A runner that reconnects keeps its run: one row per run, not per connection.
-RUN_OPEN = f"SELECT id FROM {SCHEMA}.runs WHERE id = $1 AND outcome = 'running'"
 # Close this process's run with its outcome and what it did.
 CLOSE_RUN = f"""
 UPDATE {SCHEMA}.runs r
