@@ -68,8 +68,10 @@ class Options:
     """The frontier's budget on the typical latency (``max_impact``)."""
     frontier_tail: str = "50%"
     """The frontier's budget on the tail (``max_tail_impact``)."""
-    frontier_fraction: float = 0.4
-    """The frontier's application: its arrival rate, as a fraction of the measured capacity."""
+    frontier_fraction: float = 0.2
+    """The frontier's application: its arrival rate, as a fraction of the measured capacity.
+    At 0.4 its four clients had no headroom left: any runner made pgbench's schedule lag grow
+    without bound, a queue's collapse rather than an impact (docs/performance.md)."""
     frontier_settle: float = 15.0
     """Seconds of each configuration before its window (reported apart)."""
     frontier_window: float = 25.0
