@@ -280,7 +280,7 @@ class Loop:
         if self.control is not None and self.control.sizing != self._sizing:
             self._sizing = self.control.sizing
             self.sizer.tune(self._sizing)
-        self.sizer.limit(decision.share)
+        self.sizer.limit(decision.ceiling)
         return decision
 
     async def _wait(self, pause: Pause) -> None:

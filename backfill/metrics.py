@@ -148,10 +148,11 @@ class RunMetrics:
                      "or under backfill_impact_limit.",
             "limit": "1 + that statistic's budget (max_impact or max_tail_impact): the most "
                      "the impact ratio may be.",
-            "canary_seconds": "The deciding canary latency now (the mean of its slower half).",
-            "baseline_seconds": "The same latency with the runner idle (its baseline).",
-            "allowance_ratio": "The duty cycle the budget allows: the share of the time the "
-                               "runner may spend in batches (1: full speed).",
+            "canary_seconds": "The canary's latency now when it decides (typical: its mean; "
+                              "tail: its p99); NaN when the application's statements decide.",
+            "baseline_seconds": "The deciding latency with the runner idle (its baseline).",
+            "allowed_rows_per_second": "The rate the budget allows (NaN: no limit, as while "
+                                       "nobody else is at work).",
             "foreground": "1 while other sessions are at work, 0 while nobody else is there "
                           "(full speed), NaN when the runner cannot tell.",
         }
@@ -210,20 +211,23 @@ class RunMetrics:
             return lambda: _or_nan(pick(budget)) if active() else NAN
 
         def judged(name: str) -> Callable[[Controller], float | None]:
-            return lambda b: None if b.verdict is None else float(getattr(b.verdict, name))
+            return lambda b: None if b.verdict is None else float(getattr(b.verdict.evidence,
+                                                                          name))
 
         picks: dict[str, Callable[[Controller], float | None]] = {
             "ratio": judged("ratio"),
-            "limit": lambda b: b.binding,
-            "canary_seconds": judged("current"),
+            "limit": lambda b: b.report()[1],
+            "canary_seconds": lambda b: (b.verdict.evidence.current if b.verdict is not None
+                                         and b.verdict.signal == "canary" else None),
             "baseline_seconds": judged("baseline"),
-            "allowance_ratio": lambda b: 1.0 if b.idle else b.duty,
+            "allowed_rows_per_second": lambda b: b.allowed_now,
             "foreground": lambda b: None if b.others is None else float(b.others),
         }
         for name, pick in picks.items():
             self.impact[name].labels(self.job, self.shard).set_function(value(pick))
         def limiting(statistic: str) -> Callable[[Controller], float | None]:
-            return lambda b: None if b.limiting is None else float(b.limiting == statistic)
+            return lambda b: (None if b.verdict is None
+                              else float(b.verdict.statistic == statistic))
 
         for statistic in (TYPICAL, TAIL):
             gauge = self.impact_limiting.labels(self.job, self.shard, statistic)

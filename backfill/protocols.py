@@ -96,7 +96,7 @@ class Decision:
     """What the run's throttles decided before the next batch; the loop applies it."""
 
     pause: Pause | None  # wait this long first (None: go on)
-    share: float | None = None  # the next batches' ceiling, a share of their size (None: none)
+    ceiling: int | None = None  # the most keys the next batches may take (None: no ceiling)
     state: State = State.RUNNING  # what holds the run shows as (running, throttled, paused)
     holding: Reason | None = None  # what holds the run back now (a gate, the budget...)
 
@@ -187,15 +187,9 @@ class Probe(Protocol):
         """The job's ``health_query``."""
         ...
 
-    async def beat(self, report: Sequence[object]) -> tuple[float, float]:
-        """One canary beat: a tiny read and a tiny committed write of the shard's canary row
-        (which keeps ``report``, what the impact budget measured last); their latencies in
-        seconds. A beat slower than the check timeout counts as that long."""
-        ...
-
-    async def statements(self) -> tuple[dict[int, tuple[int, float, float]], int] | None:
+    async def statements(self) -> tuple[dict[int, tuple[int, float]], int] | None:
         """The application's statements in ``pg_stat_statements`` (the runner's own left out):
-        per queryid its calls, and the sum and the sum of squares of its times (milliseconds)
+        per queryid its calls and the sum of its times (milliseconds)
         so far, and how many rows of other roles it hides; None where it is not installed."""
         ...
 

@@ -12,7 +12,6 @@ a ``Sizer``. The loop talks to both through the same interface.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from backfill.protocols import Sizing
@@ -63,9 +62,9 @@ class Sizer:
     def retarget(self, target: int) -> None:
         self.target = self._clamp(target)
 
-    def limit(self, share: float | None) -> None:
-        """Cap the next batches at ``share`` of the size (None: no cap)."""
-        self.cap = None if share is None else max(1, math.ceil(self.size * share))
+    def limit(self, ceiling: int | None) -> None:
+        """Cap the next batches at ``ceiling`` keys (None: no cap)."""
+        self.cap = None if ceiling is None else max(1, ceiling)
 
     def tune(self, sizing: Sizing) -> None:
         """Apply live settings. A new ``size`` takes effect on the next batch (in adaptive

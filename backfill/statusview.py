@@ -166,7 +166,7 @@ def impact_line(i: dict[str, Any]) -> str:
     ago when that is a while."""
     age = i["age_seconds"]
     when = f" ({human_seconds(age)} ago)" if age >= 5 else ""
-    return describe(i["ratio"], i["limit"], i["duty"], i["current_seconds"],
+    return describe(i["ratio"], i["limit"], i["rate"], i["current_seconds"],
                     i["baseline_seconds"], i["deciding"]) + when
 
 

@@ -19,6 +19,7 @@ from backfill.errors import ConfigError
 from backfill.job import parse_job
 from backfill.pgtemp import TempPostgres, find_bindir, has_module
 from backfill.protocols import Pause
+from backfill.throttling.impact import Controller
 from backfill.throttling.probe import PgProbe
 from tests.conftest import (
     Database,
@@ -67,19 +68,41 @@ def budget_job(**overrides: Any) -> Any:
     return parse_job(users_job(**(fields | overrides)))
 
 
-async def test_the_canary_beats_and_sees_other_sessions(db: Database) -> None:
+async def test_the_canary_beats_from_its_own_process_and_ends_with_the_run(
+    db: Database,
+) -> None:
     job = budget_job()
     probe = PgProbe(db.params, job)
+    budget = Controller(limit=1.2)
+    budget.rate, budget.others = 1234.0, True
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(probe.canary().beats, budget, job.name)
+
+                async def beaten() -> bool:
+                    return len(budget._beats) >= 5
+
+                await eventually(beaten, within=20)
+                tg.cancel_scope.cancel()
+        assert all(0 < s < 1 for _, s in budget._beats)
+        [row] = await db.fetch("SELECT beats, rate FROM backfill.canaries WHERE job = $1",
+                               job.name)
+        assert row["beats"] >= 5 and row["rate"] == 1234.0
+
+        async def ended() -> bool:  # its process (and its session) end with the run's
+            return await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE "
+                                     "application_name = $1", probe.application_name) == 0
+
+        await eventually(ended, within=10)
+    finally:
+        await probe.aclose()
+
+
+async def test_the_probe_sees_other_sessions_but_its_own(db: Database) -> None:
+    probe = PgProbe(db.params, budget_job())
     other = await db.connect()
     try:
-        read, write = await probe.beat((1.1, 1.2, 0.5, 0.002, 0.001, "write"))
-        await probe.beat((None, 1.2, 1.0, None, None, None))
-        assert 0 < read < 1 and 0 < write < 1
-        [row] = await db.fetch(
-            "SELECT beats, ratio, duty FROM backfill.canaries WHERE job = $1", job.name
-        )
-        assert (row["beats"], row["ratio"], row["duty"]) == (2, None, 1.0)
-        # Another session at work is seen; the probe's own connection is not.
         assert (await probe.others(60.0))[0] >= 1
         await other.execute("SELECT pg_sleep(0.05)")
         assert (await probe.others(0.5))[0] == 1
@@ -204,7 +227,6 @@ async def test_the_probe_reads_the_applications_statements_but_its_own(
     probe = PgProbe(db.params, job)
     app = await db.connect()
     try:
-        await probe.beat((None, 1.2, 1.0, None, None, None))
         first = await probe.statements()
         assert first is not None
         for _ in range(20):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +18,10 @@ from backfill.job import parse_job
 from backfill.live import LIVE_KEYS
 from backfill.protocols import Pause
 from backfill.sizing import AdaptiveSizer
+from backfill.throttling.evidence import OVER, Evidence
 from backfill.throttling.gates import CheckError, Gates
 from backfill.throttling.governor import Governor
-from backfill.throttling.impact import Judgment
+from backfill.throttling.impact import TYPICAL, Judgment
 from backfill.throttling.pacing import RateLimit
 
 
@@ -341,18 +343,23 @@ async def test_the_impact_budget_below_full_speed_is_throttled_said_once(
     clock, probe = Clock(), FakeProbe()
     gov = governor(probe, clock, throttle={"max_impact": "20%"})
     budget = gov.impact
-    budget.others, budget.duty = True, 0.3  # a load is there, and the budget has cut the pace
-    budget.verdict = Judgment(ratio=1.5, deciding="beat", current=0.0021, baseline=0.0014,
-                              limit=1.2, excess=2.5)
+    # A load is there, and the budget has cut the rate far below the runner's speed.
+    budget.others, budget.rate, budget.speed = True, 2000.0, 50_000.0
+    budget._next_window = math.inf  # no idle window in this test
+    budget.verdict = Judgment(TYPICAL, "statements", Evidence(
+        ratio=1.5, low=1.4, high=1.6, limit=1.2, verdict=OVER, current=0.0021, baseline=0.0014),
+        budget=1.2)
     with caplog.at_level(logging.INFO, logger="backfill.throttling.governor"):
         for _ in range(5):  # batch after batch, each paced: one line, one state change
-            pauses = await wait_out(gov, clock, batch(0.05))
+            pauses = await wait_out(gov, clock, batch(0.005, rows=100))
             assert pauses and {p.reason for p in pauses} == {"impact"}
-        budget.duty = 1.0  # the load has gone: full speed again
-        await wait_out(gov, clock, batch(0.05))
+        budget.others = False  # the load has gone: full speed again
+        await wait_out(gov, clock, batch(0.005, rows=100))
     assert probe.states == ["throttled", "running"]
     said = [r.getMessage() for r in caplog.records]
     assert said == [
-        "holding: typical impact 1.50 > 1.20, canary mean 2.1 ms over baseline 1.4 ms, duty 30%",
+        "impact budget 20%: 2,000 rows/s, typical 1.50 > 1.20 (statements)",
+        "holding: impact budget 20%: 2,000 rows/s, typical 1.50 > 1.20 (statements)",
+        "impact budget: full speed, nobody else at work",
         "resumed",
     ]

@@ -60,12 +60,13 @@ class Rate:
 class Impact:
     """What a shard's impact budget measured last, as its canary row keeps it."""
 
-    ratio: float | None  # the canary's latency with the run over without (None: not judged)
-    limit: float  # 1 + max_impact
-    duty: float  # the share of the time the runner may spend in batches
+    ratio: float | None  # the deciding statistic (None: not judged): typical, latency with the
+    # run over without; tail, the share of commits over the budget times the baseline's p99
+    limit: float  # 1 + the deciding budget (max_impact or max_tail_impact)
+    rate: float | None  # rows a second the budget allows (None: no limit)
     current_seconds: float | None
     baseline_seconds: float | None
-    deciding: str | None  # "typical statements", "tail write" (before: "read", "write")
+    deciding: str | None  # which statistic and signal: "typical statements", "tail canary"
     age_seconds: float  # since that beat, by the database's clock
 
 
@@ -95,7 +96,7 @@ async def status(params: ConnectParams, name: str | None = None, *, history: int
         await conn.close()
     impact = {
         (r["job"], r["shard"]): Impact(
-            r["ratio"], r["budget"], r["duty"], r["current_s"], r["baseline_s"], r["deciding"],
+            r["ratio"], r["budget"], r["rate"], r["current_s"], r["baseline_s"], r["deciding"],
             (now - r["at"]).total_seconds(),
         )
         for r in canaries if r["budget"] is not None

@@ -23,16 +23,14 @@ SLOT_LAG = """
 SELECT coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), 0)::int8
 FROM pg_replication_slots WHERE slot_type = 'logical' AND restart_lsn IS NOT NULL
 """
-# The canary: a tiny read and a tiny committed write of the shard's own row, which also keeps
-# what the impact budget measured last (NULLs until it has), for `status`.
-CANARY_READ = f"SELECT beats FROM {SCHEMA}.canaries WHERE job = $1 AND shard = $2"
-# The canary's committed write, keeping what the impact budget measured.
+# The canary: a tiny committed write of the shard's own row, which also keeps what the impact
+# budget measured last (NULLs until it has), for `status`.
 CANARY_WRITE = f"""
 INSERT INTO {SCHEMA}.canaries AS c
-    (job, shard, beats, ratio, budget, duty, current_s, baseline_s, deciding)
+    (job, shard, beats, ratio, budget, rate, current_s, baseline_s, deciding)
 VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (job, shard) DO UPDATE
-SET beats = c.beats + 1, ratio = $3, budget = $4, duty = $5, current_s = $6, baseline_s = $7,
+SET beats = c.beats + 1, ratio = $3, budget = $4, rate = $5, current_s = $6, baseline_s = $7,
     deciding = $8, at = now()
 """
 # Each shard's canary row: what the impact budget measured last (for `status`).
@@ -57,7 +55,6 @@ STATEMENTS_INSTALLED = "SELECT to_regprocedure('pg_stat_statements(boolean)') IS
 # The application's statements, from pg_stat_statements.
 STATEMENTS = """
 SELECT queryid, sum(calls)::int8 AS calls, sum(total_exec_time)::float8 AS ms,
-       sum(calls * (stddev_exec_time ^ 2 + mean_exec_time ^ 2))::float8 AS squares,
        sum(count(*) FILTER (WHERE queryid IS NULL)) OVER () AS hidden
 FROM pg_stat_statements(false)
 WHERE toplevel AND (queryid IS NULL OR queryid <> ALL($1::int8[]))

@@ -104,6 +104,11 @@ MIGRATIONS = (
         f"ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS shape text NOT NULL "
         "DEFAULT 'update'",
     ),
+    Migration(
+        3,
+        "canaries.rate: the impact budget's rate in rows a second (duty is no longer written)",
+        f"ALTER TABLE {SCHEMA}.canaries ADD COLUMN IF NOT EXISTS rate double precision",
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 

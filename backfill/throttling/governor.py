@@ -8,8 +8,9 @@ In order of precedence, the next batch waits for
 3. ``impact``, while the impact budget (``max_impact``, ``max_tail_impact``) measures its
    baseline with the runner idle, or cannot measure (and ``on_check_error`` is "pause");
 4. pacing: ``sleep`` (``max(sleep_seconds, sleep_ratio x last batch's duration)`` after each
-   batch), ``rate_limit`` (``max_rows_per_second``) or ``impact`` (the duty cycle the budget
-   allows), whichever wants longer.
+   batch), or the rate: ``max_rows_per_second`` (``rate_limit``) or the rate the impact budget
+   allows (``impact``), the lower, through one token bucket, with batches small enough that
+   the rows come evenly (``pacing.batch_ceiling``).
 
 Each ``Pause`` has exactly one reason and lasts at most ``check_every``, then the governor is
 asked again: every second not spent writing is attributed to one reason, metrics stay fresh
@@ -36,7 +37,7 @@ from backfill.job import Job
 from backfill.protocols import Decision, Pause, Probe, Reason, Throttle
 from backfill.throttling.gates import Gates, Hold
 from backfill.throttling.impact import Controller, describe
-from backfill.throttling.pacing import RateLimit
+from backfill.throttling.pacing import RateLimit, batch_ceiling
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class Governor:
         self.impact = Controller(*live.knobs.throttle.impact_limits())
         self._batch_end: float | None = None  # when the last committed batch came back
         self._batch_seconds = 0.0
+        self._rows_per_key: float | None = None  # of the last batch that found rows
+        self._said_rate: float | None = None  # the budget's rate last logged
         self._checked_at = -math.inf
         self._hold: Hold | None = None
         self._waiting = False
@@ -77,10 +80,10 @@ class Governor:
         knobs = self.live.knobs
         if last is not None:
             self._batch_end, self._batch_seconds = now, last.seconds
-            self.rate.spend(
-                last.rows, started=now - last.seconds, rate=knobs.limits.max_rows_per_second
-            )
-            self.impact.worked(now, last.seconds)
+            if last.rows and last.size:
+                self._rows_per_key = last.rows / last.size
+            self.rate.spend(last.rows, started=now - last.seconds, rate=self._rate(knobs, now)[0])
+            self.impact.worked(now, last.seconds, last.rows)
         elif self._waiting and now - self.live.fresh_at >= knobs.throttle.check_every - EPSILON:
             await self._poll()
             knobs = self.live.knobs
@@ -89,8 +92,8 @@ class Governor:
         self._waiting = pause is not None
         state = State.PAUSED if holding == Reason.PAUSED else (
             State.THROTTLED if holding else State.RUNNING)
-        share = self.impact.batch_share() if self._impact_paces(knobs) else None
-        return Decision(pause, share=share, state=state, holding=holding)
+        ceiling = batch_ceiling(self._rate(knobs, now)[0], self._rows_per_key)
+        return Decision(pause, ceiling=ceiling, state=state, holding=holding)
 
     def runway(self) -> float:
         """How long the runner may go on without asking: not at all while something paces
@@ -147,16 +150,25 @@ class Governor:
             b = knobs.batch
             want = max(b.sleep_seconds, b.sleep_ratio * self._batch_seconds)
             sleep = self._batch_end + want - now
-        rate = self.rate.wait(now, knobs.limits.max_rows_per_second)
-        impact = 0.0
-        if self._batch_end is not None and self._impact_paces(knobs):
-            impact = self._batch_end + self.impact.pause(now, self._batch_seconds) - now
-        seconds, reason = max(
-            (sleep, Reason.SLEEP), (rate, Reason.RATE_LIMIT), (impact, Reason.IMPACT)
-        )
+        limit, why = self._rate(knobs, now)
+        seconds, reason = max((sleep, Reason.SLEEP), (self.rate.wait(now, limit), why))
         if seconds < EPSILON:
             return None
         return Pause(min(seconds, knobs.throttle.check_every), reason)
+
+    def _rate(self, knobs: Knobs, now: float) -> tuple[float | None, Reason]:
+        """The rate the run may write at now (None: no limit), and which limit sets it."""
+        fixed = knobs.limits.max_rows_per_second
+        allowed = self.impact.allowed(now) if self._impact_paces(knobs) else None
+        if allowed != self._said_rate:
+            self._said_rate = allowed
+            log.info(describe(*self.impact.report()) if allowed is not None else
+                     "impact budget: full speed, nobody else at work" if self.impact.idle
+                     else "impact budget: no limit",
+                     extra={"job": self.live.job, "rows_per_second": allowed})
+        if allowed is not None and (fixed is None or allowed < fixed):
+            return allowed, Reason.IMPACT
+        return fixed, Reason.RATE_LIMIT
 
     async def _poll(self) -> None:
         if self.probe is None:

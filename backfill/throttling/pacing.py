@@ -1,4 +1,5 @@
-"""How long to wait, as arithmetic: a ceiling on the write rate, and retry backoff.
+"""How long to wait, as arithmetic: a ceiling on the write rate, the batch that paces it
+evenly, and retry backoff.
 
 ``RateLimit`` is a virtual schedule (GCRA, a token bucket without burst): each batch of ``n``
 rows that started at ``s`` moves the earliest start of the next batch to ``max(due, s) + n /
@@ -37,6 +38,17 @@ class RateLimit:
             self.due = now + (self.due - now) * self.rate / rate
         self.rate = rate
         return max(0.0, self.due - now)
+
+
+PACE = 0.05  # seconds of the rate's rows in a batch while a rate is held
+
+
+def batch_ceiling(rate: float | None, rows_per_key: float | None) -> int | None:
+    """The most keys a batch may take at ``rate`` rows a second: ``PACE`` seconds' worth, so
+    that the rows come evenly (small commits often), not in a burst then a long wait."""
+    if rate is None or not rows_per_key:
+        return None
+    return max(1, int(rate * PACE / rows_per_key))
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +20,7 @@ from backfill import sql
 from backfill.conninfo import ConnectParams
 from backfill.job import Job
 from backfill.pg import Budget, close, connect
+from backfill.throttling.canary import Canary
 from backfill.throttling.gates import CheckError
 
 
@@ -39,10 +40,14 @@ class PgProbe:
         )
         self.application_name = f"backfill:{job.name}"[:63]
         self._conn: asyncpg.Connection | None = None
-        # Gates, live control and the impact budget's canary take turns on the connection.
+        # Gates, live control and the impact budget's looks take turns on the connection.
         self._turn = anyio.Lock()
         self._statements: bool | None = None  # pg_stat_statements installed (None: not asked)
         self._own: tuple[float, list[int]] = (-math.inf, [])  # when asked, the runner's ids
+
+    def canary(self) -> Canary:
+        """How to start the impact budget's canary, on a connection like this one's."""
+        return Canary(self.params, self.job.name, self.shard, self.budget, self.application_name)
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -107,26 +112,9 @@ class PgProbe:
             with self._guard(conn):
                 await conn.execute(sql.SHOW_STATE, self.job.name, self.shard, state)
 
-    async def beat(self, report: Sequence[object]) -> tuple[float, float]:
-        async with self._turn:
-            read = await self._timed(sql.CANARY_READ, self.job.name, self.shard)
-            write = await self._timed(sql.CANARY_WRITE, self.job.name, self.shard, *report)
-        return read, write
-
-    async def _timed(self, query: str, *args: Any) -> float:
-        """Seconds ``query`` took; one that the check timeout cancelled took at least that."""
-        conn = await self._connection()
-        start = time.perf_counter()
-        try:
-            with self._guard(conn):
-                await conn.execute(query, *args)
-        except asyncpg.QueryCanceledError:
-            return max(time.perf_counter() - start, self.budget.statement_timeout)
-        return time.perf_counter() - start
-
-    async def statements(self) -> tuple[dict[int, tuple[int, float, float]], int] | None:
+    async def statements(self) -> tuple[dict[int, tuple[int, float]], int] | None:
         """``pg_stat_statements``' statements but the runner's own (re-read every 10 s): per
-        queryid its calls, and the sum and sum of squares of its times (milliseconds), and how
+        queryid its calls and the sum of its times (milliseconds), and how
         many rows of other roles it hides; None where it is not installed."""
         if self._statements is None:
             self._statements = bool((await self._fetchrow(sql.STATEMENTS_INSTALLED))[0])
@@ -140,7 +128,7 @@ class PgProbe:
                     self._own = (time.monotonic(), own)
                 rows = await conn.fetch(sql.STATEMENTS, self._own[1])
         hidden = int(rows[0]["hidden"]) if rows else 0
-        found = {r["queryid"]: (r["calls"], r["ms"], r["squares"])
+        found = {r["queryid"]: (r["calls"], r["ms"])
                  for r in rows if r["queryid"] is not None}
         return found, hidden
 

@@ -150,21 +150,23 @@ def panels() -> list[dict[str, Any]]:
                 target(f"max by (job) (backfill_impact_limit{{{SEL}}})", "{{job}} limit",
                        "B")],
                unit="none", x=0, y=43, w=8,
-               description="How much slower the canary (a tiny read and write) or the "
-               "application's statements run while the runner works than in its idle "
-               "windows; the budget ([throttle] max_impact) keeps it under the limit."),
-        series("Impact budget's allowance",
-               [target(f"backfill_impact_allowance_ratio{{{SEL}}}", who),
-                target(f"backfill_impact_foreground{{{SEL}}}", f"{who} others at work", "B")],
-               unit="percentunit", x=8, y=43, w=8,
-               description="The share of the time the budget lets the runner spend in batches "
-               "(100%: full speed; with nobody else at work it is always 100%)."),
+               description="The deciding statistic: how much slower the application's "
+               "statements (or the canary, a tiny committed write) run while the runner works "
+               "than in its idle windows (max_impact), or the share of canary commits over the "
+               "tail budget (max_tail_impact); the budget keeps it under the limit."),
+        series("Impact budget's rate",
+               [target(f"backfill_impact_allowed_rows_per_second{{{SEL}}}", who),
+                target(f"rate(backfill_rows_updated_total{{{SEL}}}[{RATE}])",
+                       f"{who} written", "B")],
+               unit="rows/s", x=8, y=43, w=8,
+               description="The rate the budget allows, found by probing (no line: no limit, "
+               "as while nobody else is at work), and the rate written."),
         series("Canary latency: now and with the runner idle",
                [target(f"backfill_impact_canary_seconds{{{SEL}}}", f"{who} now"),
                 target(f"backfill_impact_baseline_seconds{{{SEL}}}", f"{who} baseline", "B")],
                unit="s", x=16, y=43, w=8,
-               description="The deciding latency (the mean of the slower half of the beats) "
-               "and its baseline, measured in the runner's idle windows."),
+               description="The canary's latency when it decides (typical: its mean; tail: "
+               "its p99) and its baseline, measured in the runner's idle windows."),
         panel("table", "Runners",
               [target(f"max by (job, shard, table, version) (backfill_info{{{SEL}}})", "",
                       format="table", instant=True, range=False)],
