@@ -19,6 +19,7 @@ from backfill.errors import ConfigError
 from backfill.job import parse_job
 from backfill.pgtemp import TempPostgres, find_bindir, has_module
 from backfill.protocols import Pause
+from backfill.throttling.canary import Canary
 from backfill.throttling.impact import Controller
 from backfill.throttling.probe import PgProbe
 from tests.conftest import (
@@ -78,7 +79,7 @@ async def test_the_canary_beats_from_its_own_process_and_ends_with_the_run(
     try:
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(probe.canary().beats, budget, job.name)
+                tg.start_soon(Canary.like(probe).beats, budget, job.name)
 
                 async def beaten() -> bool:
                     return len(budget._beats) >= 5

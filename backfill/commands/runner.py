@@ -138,8 +138,8 @@ async def run(
             # The impact budget's canary (it waits while the job sets no max_impact), once the
             # run has started: a job that fails its checks writes nothing, not even a beat.
             tg.start_soon(_after, first.event,
-                          partial(canary.measure, probe, probe.canary(), gov.live, gov.impact,
-                                  clock=gov.clock))
+                          partial(canary.measure, probe, canary.Canary.like(probe), gov.live,
+                                  gov.impact, clock=gov.clock))
             with abort:
                 try:
                     outcome = await loop.run()

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from subprocess import PIPE
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import Process
@@ -39,6 +39,9 @@ from backfill.errors import one_line
 from backfill.pg import Budget
 from backfill.protocols import Probe
 from backfill.throttling.impact import Controller
+
+if TYPE_CHECKING:
+    from backfill.throttling.probe import PgProbe
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,12 @@ class Canary:
     shard: int
     budget: Budget
     application_name: str
+
+    @classmethod
+    def like(cls, probe: PgProbe) -> Canary:
+        """The canary of the run ``probe`` measures for, on a connection like the probe's."""
+        return cls(probe.params, probe.job.name, probe.shard, probe.budget,
+                   probe.application_name)
 
     def config(self) -> dict[str, Any]:
         plain = {f.name: getattr(self.params, f.name) for f in fields(self.params)}
@@ -226,10 +235,9 @@ class _Told:
 
 async def _main() -> None:
     """The process: beat until stdin ends."""
-    import asyncpg  # the process's own imports, not the runner's
-
-    from backfill import sql
+    from backfill import sql  # the process's own imports, not the runner's
     from backfill.pg import connect
+    from backfill.throttling.probe import timed
 
     config = json.loads(sys.stdin.readline())
     p: dict[str, Any] = config["params"]
@@ -248,13 +256,9 @@ async def _main() -> None:
                 if conn is None or conn.is_closed():
                     conn = await connect(params, budget=budget,
                                          application_name=config["application_name"])
-                with anyio.fail_after(budget.statement_timeout + 2):
-                    await conn.execute(sql.CANARY_WRITE, config["job"], config["shard"],
-                                       *told.report)
-                _say({"at": start, "s": time.monotonic() - start})
-            except asyncpg.QueryCanceledError:  # slower than the time budget: at least that
-                _say({"at": start, "s": max(time.monotonic() - start,
-                                            budget.statement_timeout)})
+                took = await timed(conn, budget.statement_timeout, sql.CANARY_WRITE,
+                                   config["job"], config["shard"], *told.report)
+                _say({"at": start, "s": took})
             except Exception as exc:
                 _say({"error": one_line(exc)})
                 if conn is not None:

@@ -100,7 +100,7 @@ class Controller:
     limit: float | None = None
     tail_limit: float | None = None
     rate: float | None = None  # rows a second allowed now (None: no limit)
-    speed: float | None = None  # rows a second the runner writes while a batch runs
+    speed: float | None = None  # rows a second the runner writes while a batch runs (EWMA)
     others: bool | None = None  # other sessions at work lately (None: cannot tell)
     verdict: Judgment | None = None  # the deciding judgment last made
     broken: str | None = None  # why the canary cannot measure now (None: it can)
@@ -199,11 +199,8 @@ class Controller:
 
     @property
     def holding(self) -> bool:
-        """Whether the budget holds the run back now: it cannot measure, or allows less than
-        the runner's speed."""
-        return self.broken is not None or (
-            not self.idle and self.rate is not None
-            and (self.speed is None or self.rate < self.speed))
+        """Whether the budget holds the run back now: it cannot measure, or sets a rate."""
+        return self.broken is not None or (not self.idle and self.rate is not None)
 
     def hold(self, now: float) -> float | None:
         """Seconds to stay idle now for a baseline window, else None. Asked before a batch."""
@@ -296,18 +293,16 @@ class Controller:
         pace = [b for b in self._beats if b[0] >= since and not _inside(b[0], spans)]
         base = [b for _, _, beats in self._windows for b in beats]
         out = []
-        if self.limit is not None:
+        if self.limit is not None:  # each signal that can judge; either may say "over"
             stmt_pace, stmt_base = self._statements.chunks(since, spans)
             found = evidence.typical(stmt_pace, stmt_base, self.limit)
-            signal = "statements"
-            if found is not None:  # as milliseconds per call, the baseline's mix
+            if found is not None:  # as seconds per call, the baseline's mix
                 per_call = self._statements.baseline_seconds()
                 found = replace(found, current=found.ratio * per_call, baseline=per_call)
-            else:
-                found = evidence.typical(_chunks(pace), _chunks(base), self.limit)
-                signal = "canary"
+                out.append(Judgment(TYPICAL, "statements", found, self.limit))
+            found = evidence.typical(_chunks(pace), _chunks(base), self.limit)
             if found is not None:
-                out.append(Judgment(TYPICAL, signal, found, self.limit))
+                out.append(Judgment(TYPICAL, "canary", found, self.limit))
         if self.tail_limit is not None:
             found = evidence.tail([s for _, s in pace], [s for _, s in base], BEAT,
                                   self.tail_limit - 1.0)

@@ -20,7 +20,6 @@ from backfill import sql
 from backfill.conninfo import ConnectParams
 from backfill.job import Job
 from backfill.pg import Budget, close, connect
-from backfill.throttling.canary import Canary
 from backfill.throttling.gates import CheckError
 
 
@@ -44,10 +43,6 @@ class PgProbe:
         self._turn = anyio.Lock()
         self._statements: bool | None = None  # pg_stat_statements installed (None: not asked)
         self._own: tuple[float, list[int]] = (-math.inf, [])  # when asked, the runner's ids
-
-    def canary(self) -> Canary:
-        """How to start the impact budget's canary, on a connection like this one's."""
-        return Canary(self.params, self.job.name, self.shard, self.budget, self.application_name)
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -159,6 +154,18 @@ class PgProbe:
         if not isinstance(value, bool):
             raise CheckError(f"health_query returned {value!r}, not a boolean")
         return value
+
+
+async def timed(conn: asyncpg.Connection, limit: float, query: str, *args: Any) -> float:
+    """Seconds ``query`` took on ``conn`` (the canary's process times its writes with it); one
+    that the server cancelled at ``limit`` (its statement timeout) took at least that."""
+    start = time.perf_counter()
+    try:
+        with anyio.fail_after(limit + 2):
+            await conn.execute(query, *args)
+    except asyncpg.QueryCanceledError:
+        return max(time.perf_counter() - start, limit)
+    return time.perf_counter() - start
 
 
 _PRIVILEGE = "the runner's role cannot read {what}: grant it pg_monitor (or pg_read_all_stats)"
