@@ -6,12 +6,13 @@ import argparse
 import json
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 
 from benchmarks import report, report_frontier, report_shapes
-from benchmarks.options import ALIASES, DEFAULT_SECTIONS, RESULTS, SECTIONS, Options
+from benchmarks.options import ALIASES, DEFAULT_SECTIONS, RESULTS, SECTIONS, Options, override
 from benchmarks.suite import run_suite
 
 # Where --readme pastes the tables (the name stays: it is what the docs and habits call it).
@@ -41,8 +42,12 @@ def parse(argv: list[str]) -> tuple[Options, bool]:
                    help="comma-separated scenario names to run (default: all), e.g. "
                         "procedure-1000,runner-1000")
     p.add_argument("--out", type=Path, default=None,
-                   help="where the JSON goes (default results/latest.json; results/frontier.json "
-                        "for --only frontier)")
+                   help="where the JSON goes (default results/latest.json; for --only frontier "
+                        "a new results/frontier-<UTC date-time>.json, with its .md and .png)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override any Options field (repeatable; typed by the field, tuples "
+                        "comma-separated), e.g. --set frontier_rounds=4 --set "
+                        "frontier_window=25; applied after --smoke")
     p.add_argument("--smoke", action="store_true",
                    help="tiny tables, one repetition: checks the code, numbers mean nothing")
     p.add_argument("--readme", action="store_true",
@@ -50,7 +55,7 @@ def parse(argv: list[str]) -> tuple[Options, bool]:
                         "markers")
     a = p.parse_args(argv)
     sections = _sections(p, a.only)
-    out = a.out or (RESULTS / "frontier.json" if sections == ("frontier",) else defaults.out)
+    out = a.out or (fresh(RESULTS, "frontier") if sections == ("frontier",) else defaults.out)
     if a.repeat < 1 or a.rows < 1 or a.big_rows < 0 or a.pairs < 1 or a.step_rows < 1:
         p.error("--repeat, --pairs, --rows and --step-rows must be positive, --big-rows at least 0")
     opts = Options(rows=a.rows, big_rows=a.big_rows, repeat=a.repeat, pairs=a.pairs,
@@ -59,9 +64,25 @@ def parse(argv: list[str]) -> tuple[Options, bool]:
                    scenarios=tuple(s.strip() for s in a.scenarios.split(",") if s.strip()))
     if a.smoke:
         opts = opts.smoked()
+    try:
+        opts = override(opts, a.set)
+    except ValueError as error:
+        p.error(str(error))
     if a.readme and a.smoke:
         p.error("--readme with --smoke would publish meaningless numbers")
     return opts, a.readme
+
+
+def fresh(directory: Path, stem: str) -> Path:
+    """``directory/stem-<UTC date-time>.json``, a name no earlier result has (its .md and
+    .png neither)."""
+    now = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = directory / f"{stem}-{now}.json"
+    n = 1
+    while any(path.with_suffix(s).exists() for s in (".json", ".md", ".png")):
+        n += 1
+        path = directory / f"{stem}-{now}-{n}.json"
+    return path
 
 
 def _sections(p: argparse.ArgumentParser, only: str) -> tuple[str, ...]:
@@ -91,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     results = anyio.run(run_suite, opts, backend="asyncio")
     if opts.sections == ("frontier",):
         table = report_frontier.markdown(results)
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.with_suffix(".md").write_text(table)
     else:
         results["targets"] = report.targets(results)
         table = report.markdown(results)

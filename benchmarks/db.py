@@ -130,22 +130,21 @@ class Bench:
 
     async def forget_statements(self) -> None:
         if self.statements:
-            await self.conn.execute("SELECT pg_stat_statements_reset()")
+            try:
+                await self.conn.execute("SELECT pg_stat_statements_reset()")
+            except asyncpg.UndefinedFunctionError:  # dropped for a canary-only run
+                pass
 
     async def statement_stats(self, pattern: str) -> dict[str, float] | None:
         """Calls, rows, mean/max/total milliseconds of the run database's statements whose text
-        matches ``pattern`` (LIKE), summed over entries (top-level and nested)."""
+        matches ``pattern`` (LIKE), summed over entries (top-level and nested); None without
+        pg_stat_statements (on the server, or in the run database)."""
         if not self.statements:
             return None
-        row = await self.conn.fetchrow(
-            """
-            SELECT sum(calls)::int8 AS calls, sum(rows)::int8 AS rows,
-                   sum(total_exec_time) AS total_ms, max(max_exec_time) AS max_ms
-            FROM pg_stat_statements
-            WHERE query LIKE $1
-              AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())""",
-            pattern,
-        )
+        try:
+            row = await self._statements_row(pattern)
+        except asyncpg.UndefinedTableError:  # dropped for a canary-only run (the frontier)
+            return None
         if row is None or not row["calls"]:
             return None
         return {
@@ -155,6 +154,17 @@ class Bench:
             "mean_ms": row["total_ms"] / row["calls"],
             "max_ms": row["max_ms"],
         }
+
+    async def _statements_row(self, pattern: str) -> asyncpg.Record | None:
+        return await self.conn.fetchrow(
+            """
+            SELECT sum(calls)::int8 AS calls, sum(rows)::int8 AS rows,
+                   sum(total_exec_time) AS total_ms, max(max_exec_time) AS max_ms
+            FROM pg_stat_statements
+            WHERE query LIKE $1
+              AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())""",
+            pattern,
+        )
 
     async def checkpoint_row(self, job: str) -> dict[str, Any] | None:
         """The runner's saved counters and its last run's duration (server clock)."""

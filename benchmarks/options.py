@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("throughput", "effect", "growth", "fastpath", "step", "open-loop", "shapes", "frontier")
-# What a run measures unless ``--only`` says otherwise: the frontier takes ~20 minutes of its
-# own and writes its own file (``--only frontier``: results/frontier.json).
+# What a run measures unless ``--only`` says otherwise: the frontier takes ~45 minutes of its
+# own and writes its own files (``--only frontier``: results/frontier-<UTC date-time>.json,
+# .md and .png).
 DEFAULT_SECTIONS = SECTIONS[:-1]
 # Names for several sections: issue 10's impact budget is measured by the effect table's
 # steady loads (its row next to the fixed configurations), the load step and the open loop.
@@ -62,26 +64,37 @@ class Options:
     open_fraction: float = 0.5
     """The open loop's fixed arrival rate, as a fraction of the measured capacity."""
     open_kind: str = "tpcb-like"
-    frontier_rates: tuple[int, ...] = (2000, 5000, 10_000, 20_000, 40_000)
+    frontier_rates: tuple[int, ...] = (2000, 5000, 10_000, 20_000)
     """The frontier's fixed ceilings (``max_rows_per_second``)."""
     frontier_typical: str = "20%"
     """The frontier's budget on the typical latency (``max_impact``)."""
     frontier_tail: str = "50%"
     """The frontier's budget on the tail (``max_tail_impact``)."""
-    frontier_fraction: float = 0.2
+    frontier_configs: tuple[str, ...] = ()
+    """Only the frontier's configurations with these names, and the baselines (all when
+    empty)."""
+    frontier_clients: int = 8
+    """The frontier's open-loop application's clients (its capacity is measured closed-loop
+    with ``pgbench_clients``)."""
+    frontier_fraction: float = 0.4
     """The frontier's application: its arrival rate, as a fraction of the measured capacity.
-    At 0.4 its four clients had no headroom left: any runner made pgbench's schedule lag grow
-    without bound, a queue's collapse rather than an impact (docs/performance.md)."""
-    frontier_settle: float = 15.0
+    At 0.4 with four clients it had no headroom left (a runner made pgbench's schedule lag grow
+    without bound, docs/performance.md): ``frontier_clients`` gives it eight."""
+    frontier_settle: float = 20.0
     """Seconds of each configuration before its window (reported apart)."""
-    frontier_window: float = 25.0
+    frontier_window: float = 30.0
     """Seconds of each configuration's window."""
-    frontier_rounds: int = 2
-    """Rounds of every configuration (the median over rounds is reported)."""
-    frontier_baselines: int = 3
-    """Baseline windows (no runner) interleaved in each round."""
+    frontier_rounds: int = 3
+    """Rounds of every configuration (medians over the valid rounds are reported)."""
+    frontier_baselines: int = 4
+    """Baseline windows (no runner) spread in each round, the first window of a round one."""
+    frontier_seed: int = 24
+    """The seed of the rounds' shuffled orders (``random.Random``)."""
     frontier_rows: int = 2_000_000
     """Rows of the frontier's table: enough for the fastest ceiling's settle and window."""
+    frontier_wal_prefill_mb: int = 2048
+    """WAL segments created once before the frontier (``min_wal_size`` keeps them), so that
+    windows recycle segments instead of creating them."""
     out: Path = RESULTS / "latest.json"
     smoke: bool = False
 
@@ -112,11 +125,53 @@ class Options:
             step_baseline=0.5,
             step_sample=0.1,
             capacity_seconds=1.0,
-            frontier_rates=self.frontier_rates[:2],
-            frontier_settle=1.0,
-            frontier_window=1.5,
+            frontier_rates=self.frontier_rates[:1],
+            frontier_clients=2,
+            frontier_settle=0.5,
+            frontier_window=1.0,
             frontier_rounds=1,
             frontier_baselines=2,
             frontier_rows=min(self.frontier_rows, 30_000),
+            frontier_wal_prefill_mb=min(self.frontier_wal_prefill_mb, 32),
             smoke=True,
         )
+
+
+def override(opts: Options, assignments: list[str]) -> Options:
+    """``opts`` with ``NAME=VALUE`` assignments applied, each value typed by its field's type
+    (a tuple: comma-separated items; a bool: true/false, yes/no, 1/0). ValueError names what
+    is wrong."""
+    hints = get_type_hints(Options)
+    names = {f.name for f in fields(Options)}
+    changes: dict[str, Any] = {}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in names:
+            raise ValueError(f"--set {assignment!r}: expected NAME=VALUE with NAME one of "
+                             f"{', '.join(sorted(names))}")
+        try:
+            changes[name] = _typed(hints[name], text.strip())
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--set {assignment!r}: {error}") from error
+    return replace(opts, **changes)
+
+
+def _typed(kind: Any, text: str) -> Any:
+    """``text`` as a value of ``kind`` (int, float, str, bool, Path or a tuple of them)."""
+    if get_origin(kind) is tuple:
+        args = get_args(kind)
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_typed(args[0], t) for t in items)
+        if len(items) != len(args):
+            raise ValueError(f"expected {len(args)} comma-separated values")
+        return tuple(_typed(a, t) for a, t in zip(args, items, strict=True))
+    if kind is bool:
+        lowered = text.lower()
+        if lowered not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            raise ValueError(f"not a boolean: {text!r}")
+        return lowered in ("true", "yes", "1", "on")
+    if kind in (int, float, str, Path):
+        return kind(text)
+    raise TypeError(f"cannot set a field of type {kind}")

@@ -73,7 +73,9 @@ def frontier(result: dict[str, Any], path: Path) -> dict[str, Any]:
     configs, windows = result["configurations"], result["windows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
     budgets = {"budget-typical": f"max_impact {result['typical']}",
-               "budget-tail": f"max_tail_impact {result['tail']}"}
+               "budget-typical-canary": f"max_impact {result['typical']}, canary only",
+               "budget-tail": f"max_tail_impact {result['tail']}",
+               "budget-tail-canary": f"max_tail_impact {result['tail']}, canary only"}
     for ax, stat in zip(axes, ("p99", "mean"), strict=True):
         fixed = sorted((c["rows_per_second"], c[f"{stat}_ratio"]) for n, c in configs.items()
                        if n.startswith("fixed-") and c[f"{stat}_ratio"] is not None)
