@@ -1,6 +1,6 @@
 """The impact budget's statistics: how much slower the application ran at a pace than with the
 runner idle, with a confidence interval, and whether that is clearly over, clearly under or
-inside the noise of a budget. Pure arithmetic on what was measured.
+inside the noise of a budget (``Z_OVER``, ``Z_UNDER``). Pure arithmetic on what was measured.
 
 Measurements come in chunks (a quarter of a second of ``pg_stat_statements``, or of canary
 beats): each chunk is ``(observed, expected)``, e.g. the seconds the application's statements
@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 Chunk = tuple[float, float]  # (observed, expected): e.g. seconds taken, seconds at baseline speed
 
-Z = 1.645  # one-sided 95%: "clearly" over or under
+# How sure a verdict must be, one-sided: "over" at 95% (a cut on noise would random-walk the
+# rate down), "under" at 84% (a step up is a probe: if it was wrong, the next dwell says so).
+Z_OVER, Z_UNDER = 1.645, 1.0
 MIN_CHUNKS = 4  # chunks at the pace and in the baseline for a judgment at all
 MIN_TAIL = 150  # beats at the pace for a tail judgment (a 1% share needs a few over)
 TAIL_SHARE = 0.01  # the share of time in slow commits a tail budget allows
@@ -92,14 +94,14 @@ def typical(pace: Sequence[Chunk], base: Sequence[Chunk], limit: float) -> Evide
     r_now, v_now = ratio_of_sums(pace)
     r_base, v_base = ratio_of_sums(base)
     ratio = r_now / r_base
-    spread = Z * math.sqrt(v_now + v_base)
-    low, high = ratio * math.exp(-spread), ratio * math.exp(spread)
+    spread = math.sqrt(v_now + v_base)
+    low, high = ratio * math.exp(-Z_OVER * spread), ratio * math.exp(Z_UNDER * spread)
     # A single stall decides nothing: over only without the pace's worst chunk, under only
     # without the baseline's.
     r_robust, v_robust = ratio_of_sums(_without_worst(pace))
-    over = r_robust / r_base * math.exp(-Z * math.sqrt(v_robust + v_base)) > limit
+    over = r_robust / r_base * math.exp(-Z_OVER * math.sqrt(v_robust + v_base)) > limit
     r_clean, v_clean = ratio_of_sums(_without_worst(base))
-    under = r_now / r_clean * math.exp(Z * math.sqrt(v_now + v_clean)) < limit
+    under = r_now / r_clean * math.exp(Z_UNDER * math.sqrt(v_now + v_clean)) < limit
     verdict = OVER if over else UNDER if under and not over else HOLD
     return Evidence(ratio=ratio, low=low, high=high, limit=limit, verdict=verdict,
                     current=r_now, baseline=r_base)
@@ -125,10 +127,10 @@ def tail(pace: Sequence[float], base: Sequence[float], every: float, budget: flo
         return None
     threshold = (1.0 + budget) * percentile(base, 99)
     share = _share_over(pace, every, threshold)
-    low, high = wilson(share, len(pace))
+    low, high = wilson(share, len(pace), Z_OVER)[0], wilson(share, len(pace), Z_UNDER)[1]
     # As for the typical statistic, one stall decides nothing: over only without the longest.
     robust = sorted(pace)[:-1]
-    over = wilson(_share_over(robust, every, threshold), len(robust))[0] > TAIL_SHARE
+    over = wilson(_share_over(robust, every, threshold), len(robust), Z_OVER)[0] > TAIL_SHARE
     verdict = OVER if over else UNDER if high < TAIL_SHARE else HOLD
     return Evidence(ratio=share, low=low, high=high, limit=TAIL_SHARE, verdict=verdict,
                     current=percentile(pace, 99), baseline=threshold / (1.0 + budget))
@@ -139,9 +141,9 @@ def _share_over(beats: Sequence[float], every: float, threshold: float) -> float
     return sum(w for w, s in zip(weights, beats, strict=True) if s > threshold) / sum(weights)
 
 
-def wilson(share: float, n: int) -> tuple[float, float]:
-    """The Wilson score interval of a share over ``n`` samples (one-sided ``Z`` each way)."""
-    z2 = Z * Z
+def wilson(share: float, n: int, z: float) -> tuple[float, float]:
+    """The Wilson score interval of a share over ``n`` samples (``z`` each way)."""
+    z2 = z * z
     centre = (share + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    half = z * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return max(0.0, centre - half), min(1.0, centre + half)
