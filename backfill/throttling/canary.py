@@ -1,5 +1,5 @@
 """The impact budget's measurements, taken for as long as a run lasts and fed to its
-``Controller``: the canary, a tiny committed write of the shard's own row a hundred times a
+``Controller``: the canary, a tiny committed write of the shard's own row fifty times a
 second while someone else is at work (ten while nobody is); whether other sessions are at work
 (every ``ACTIVITY_EVERY`` seconds); and ``pg_stat_statements`` (every ``STATEMENTS_EVERY``),
 the last two on the probe connection. While the job sets no budget it only waits for one.

@@ -11,8 +11,9 @@ spread comes from the chunks (the delta method on a ratio estimator), so a dwell
 seconds is judged on dozens of chunks, not on a point estimate.
 
 A stall of the whole server (the VM's disk, a checkpoint) lands in one chunk and can double
-its mean: ``typical`` says "over" only without the pace's worst chunk, and "under" only
-without the idle windows' worst chunk, so a single stall moves neither way.
+its mean: ``typical`` says "over" only without the pace's worst chunks (one, and one more per
+eight), and "under" only without the idle windows' worst, so a single stall moves neither
+way.
 
 The tail (``tail``) is a share: of the time a closed-loop canary spent in commits slower than
 ``(1 + budget)`` times the baseline's p99, against ``TAIL_SHARE``. A p99 of small transactions
@@ -34,7 +35,8 @@ Chunk = tuple[float, float]  # (observed, expected): e.g. seconds taken, seconds
 # rate down), "under" at 84% (a step up is a probe: if it was wrong, the next dwell says so).
 Z_OVER, Z_UNDER = 1.645, 1.0
 MIN_CHUNKS = 4  # chunks at the pace and in the baseline for a judgment at all
-MIN_TAIL = 150  # beats at the pace for a tail judgment (a 1% share needs a few over)
+MIN_TAIL = 100  # beats at the pace for a tail judgment (a 1% share needs a hundred) ...
+MIN_TAIL_BASE = 200  # ... and in the baseline (its p99)
 TAIL_SHARE = 0.01  # the share of time in slow commits a tail budget allows
 OVER, UNDER, HOLD = "over", "under", "hold"
 
@@ -80,10 +82,13 @@ def ratio_of_sums(chunks: Sequence[Chunk]) -> tuple[float, float]:
 
 
 def _without_worst(chunks: Sequence[Chunk]) -> list[Chunk]:
-    if len(chunks) <= MIN_CHUNKS:
+    """All but the worst chunk, and one more per eight (a stall may straddle two)."""
+    drop = 1 + len(chunks) // 8
+    if len(chunks) - drop < MIN_CHUNKS:
         return list(chunks)
-    worst = max(range(len(chunks)), key=lambda i: chunks[i][0] / max(chunks[i][1], 1e-12))
-    return [c for i, c in enumerate(chunks) if i != worst]
+    order = sorted(range(len(chunks)), key=lambda i: chunks[i][0] / max(chunks[i][1], 1e-12))
+    keep = set(order[:-drop])
+    return [c for i, c in enumerate(chunks) if i in keep]
 
 
 def typical(pace: Sequence[Chunk], base: Sequence[Chunk], limit: float) -> Evidence | None:
@@ -123,7 +128,7 @@ def tail(pace: Sequence[float], base: Sequence[float], every: float, budget: flo
          ) -> Evidence | None:
     """The share of the application's time in slow commits at the pace (canary latencies,
     seconds), against ``TAIL_SHARE``: slow is ``(1 + budget)`` times the baseline's p99."""
-    if len(pace) < MIN_TAIL or len(base) < MIN_TAIL:
+    if len(pace) < MIN_TAIL or len(base) < MIN_TAIL_BASE:
         return None
     threshold = (1.0 + budget) * percentile(base, 99)
     share = _share_over(pace, every, threshold)

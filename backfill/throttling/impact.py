@@ -39,8 +39,9 @@ from backfill.throttling import evidence
 from backfill.throttling.evidence import OVER, UNDER, Chunk, Evidence
 from backfill.throttling.statements import Snapshot, StatementIndex
 
-BEAT = 0.01  # seconds between canary beats while someone else is at work ...
-BEAT_IDLE = 0.1  # ... and while nobody is (there is nothing to measure for)
+BEAT = 0.02  # seconds between canary beats while someone else is at work ...
+BEAT_IDLE = 0.1  # ... while nobody is (there is nothing to measure for) ...
+BEAT_WINDOW = 0.005  # ... and during an idle window (the baseline's p99 wants many)
 WINDOW = 0.8  # seconds of an idle window
 FIRST_WINDOW = 1.5  # seconds of the window that starts a baseline (at the start, a new load)
 SETTLE = 0.3  # seconds after a change (or a window's start) before measures count
@@ -190,7 +191,7 @@ class Controller:
 
     @property
     def beat_every(self) -> float:
-        return BEAT_IDLE if self.idle else BEAT
+        return BEAT_IDLE if self.idle else BEAT_WINDOW if self.measuring else BEAT
 
     @property
     def idle(self) -> bool:
