@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 ACTIVITY_EVERY = 0.1  # seconds between looks at other sessions (a load that arrives is seen
 # within a few of them: the runner backs off within a fraction of a second) ...
 RECENT = 0.1  # ... which see a session at work when it ran a statement since the last look
-STATEMENTS_EVERY = 0.25  # seconds between reads of pg_stat_statements (a heavier query)
+STATEMENTS_EVERY = 0.25  # seconds between reads of pg_stat_statements (a heavier query) ...
+STATEMENTS_WINDOW = 0.1  # ... and during an idle window (short: the baseline wants chunks)
 TELL_EVERY = 0.25  # seconds between updates to the canary (its pace, what to show)
 ROOT = Path(__file__).resolve().parents[2]  # where ``backfill`` is imported from
 
@@ -184,7 +185,8 @@ async def _look(probe: Probe, live: LiveControl, budget: Controller,
                     extra={"job": live.job, "hidden": hidden},
                 )
             budget.activity(clock(), True if active else None if hidden else False)
-            if not statements_said and now - read_at >= STATEMENTS_EVERY:
+            every = STATEMENTS_WINDOW if budget.measuring else STATEMENTS_EVERY
+            if not statements_said and now - read_at >= every:
                 read_at = now
                 statements_said = await _statements(probe, budget, live.job, clock)
             failing = False
