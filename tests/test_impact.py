@@ -174,11 +174,13 @@ def test_a_stall_of_the_server_does_not_move_the_rate() -> None:
     steady.run(39.9)
     stalled = copy.deepcopy(steady)  # the same world and budget, then a 0.3 s stall
     stalled.stalls = ((40.0, 0.3),)
+    before = steady.budget.rate
     for world in (steady, stalled):
         world.run(44)
-    # The stall lands in a chunk or two: the budget does not take it for its own impact.
-    assert stalled.budget.rate is not None and steady.budget.rate is not None
-    assert stalled.budget.rate >= 0.9 * steady.budget.rate
+    # The stall lands in a chunk or two: the budget does not take it for its own impact (it
+    # may hold the rate a while: its dwell is no longer clearly under).
+    assert before is not None and stalled.budget.rate is not None
+    assert stalled.budget.rate >= before
     assert stalled.budget._bad == steady.budget._bad
 
 
