@@ -176,7 +176,7 @@ def test_a_stall_of_the_server_does_not_move_the_rate() -> None:
     stalled.stalls = ((40.0, 0.3),)
     before = steady.budget.rate
     for world in (steady, stalled):
-        world.run(44)
+        world.run(40 + impact.LINGER + 2)
     # The stall lands in a chunk or two: the budget does not take it for its own impact (it
     # may hold the rate a while: its dwell is no longer clearly under).
     assert before is not None and stalled.budget.rate is not None

@@ -52,11 +52,12 @@ class Evidence:
     verdict: str  # OVER, UNDER or HOLD
     current: float  # for the log: the latency (or share) now ...
     baseline: float  # ... and with the runner idle
+    steady: float  # the estimate without the worst chunks (a stall's): what the steps go by
 
     @property
     def excess(self) -> float:
-        """How far over its budget the estimate is: 0 at none, 1 at the budget."""
-        return _excess(self.ratio, self.limit)
+        """How far over its budget the steady estimate is: 0 at none, 1 at the budget."""
+        return _excess(self.steady, self.limit)
 
     @property
     def high_excess(self) -> float:
@@ -109,7 +110,7 @@ def typical(pace: Sequence[Chunk], base: Sequence[Chunk], limit: float) -> Evide
     under = r_now / r_clean * math.exp(Z_UNDER * math.sqrt(v_now + v_clean)) < limit
     verdict = OVER if over else UNDER if under and not over else HOLD
     return Evidence(ratio=ratio, low=low, high=high, limit=limit, verdict=verdict,
-                    current=r_now, baseline=r_base)
+                    current=r_now, baseline=r_base, steady=r_robust / r_clean)
 
 
 def open_loop(beats: Sequence[float], every: float) -> list[float]:
@@ -135,10 +136,12 @@ def tail(pace: Sequence[float], base: Sequence[float], every: float, budget: flo
     low, high = wilson(share, len(pace), Z_OVER)[0], wilson(share, len(pace), Z_UNDER)[1]
     # As for the typical statistic, one stall decides nothing: over only without the longest.
     robust = sorted(pace)[:-1]
-    over = wilson(_share_over(robust, every, threshold), len(robust), Z_OVER)[0] > TAIL_SHARE
+    steady = _share_over(robust, every, threshold)
+    over = wilson(steady, len(robust), Z_OVER)[0] > TAIL_SHARE
     verdict = OVER if over else UNDER if high < TAIL_SHARE else HOLD
     return Evidence(ratio=share, low=low, high=high, limit=TAIL_SHARE, verdict=verdict,
-                    current=percentile(pace, 99), baseline=threshold / (1.0 + budget))
+                    current=percentile(pace, 99), baseline=threshold / (1.0 + budget),
+                    steady=steady)
 
 
 def _share_over(beats: Sequence[float], every: float, threshold: float) -> float:
