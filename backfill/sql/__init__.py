@@ -104,6 +104,9 @@ from backfill.sql.probes import (
     CANARIES as CANARIES,
 )
 from backfill.sql.probes import (
+    CANARY_READ as CANARY_READ,
+)
+from backfill.sql.probes import (
     CANARY_WRITE as CANARY_WRITE,
 )
 from backfill.sql.probes import (

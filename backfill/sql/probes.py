@@ -23,8 +23,10 @@ SLOT_LAG = """
 SELECT coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), 0)::int8
 FROM pg_replication_slots WHERE slot_type = 'logical' AND restart_lsn IS NOT NULL
 """
-# The canary: a tiny committed write of the shard's own row, which also keeps what the impact
-# budget measured last (NULLs until it has), for `status`.
+# The canary: a read and a write of the shard's own row in one transaction; the write also
+# keeps what the impact budget measured last (NULLs until it has), for `status`.
+CANARY_READ = f"SELECT beats FROM {SCHEMA}.canaries WHERE job = $1 AND shard = $2"
+# The canary's write.
 CANARY_WRITE = f"""
 INSERT INTO {SCHEMA}.canaries AS c
     (job, shard, beats, ratio, budget, rate, current_s, baseline_s, deciding)

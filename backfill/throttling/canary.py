@@ -1,6 +1,7 @@
 """The impact budget's measurements, taken for as long as a run lasts and fed to its
-``Controller``: the canary, a tiny committed write of the shard's own row fifty times a
-second while someone else is at work (ten while nobody is); whether other sessions are at work
+``Controller``: the canary, a small transaction like an application's (a read and a write of
+the shard's own row, committed: four round trips) fifty times a second while someone else is
+at work (ten while nobody is); whether other sessions are at work
 (every ``ACTIVITY_EVERY`` seconds); and ``pg_stat_statements`` (every ``STATEMENTS_EVERY``),
 the last two on the probe connection. While the job sets no budget it only waits for one.
 
@@ -258,8 +259,9 @@ async def _main() -> None:
                 if conn is None or conn.is_closed():
                     conn = await connect(params, budget=budget,
                                          application_name=config["application_name"])
-                took = await timed(conn, budget.statement_timeout, sql.CANARY_WRITE,
-                                   config["job"], config["shard"], *told.report)
+                ids = (config["job"], config["shard"])
+                took = await timed(conn, budget.statement_timeout, [
+                    (sql.CANARY_READ, ids), (sql.CANARY_WRITE, (*ids, *told.report))])
                 _say({"at": start, "s": took})
             except Exception as exc:
                 _say({"error": one_line(exc)})

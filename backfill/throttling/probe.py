@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -156,13 +156,17 @@ class PgProbe:
         return value
 
 
-async def timed(conn: asyncpg.Connection, limit: float, query: str, *args: Any) -> float:
-    """Seconds ``query`` took on ``conn`` (the canary's process times its writes with it); one
-    that the server cancelled at ``limit`` (its statement timeout) took at least that."""
+async def timed(conn: asyncpg.Connection, limit: float,
+                statements: Sequence[tuple[str, Sequence[object]]]) -> float:
+    """Seconds ``statements`` took on ``conn``, in one transaction (the canary's process times
+    its beats with it); one that the server cancelled at ``limit`` (its statement timeout)
+    took at least that."""
     start = time.perf_counter()
     try:
         with anyio.fail_after(limit + 2):
-            await conn.execute(query, *args)
+            async with conn.transaction():
+                for query, args in statements:
+                    await conn.execute(query, *args)
     except asyncpg.QueryCanceledError:
         return max(time.perf_counter() - start, limit)
     return time.perf_counter() - start
