@@ -147,7 +147,7 @@ def test_converges_to_the_best_rate_and_reproduces_it(statements: bool) -> None:
         # Near the fastest rate the budget allows, and within the budget (the truth).
         assert 0.6 * best <= found[-1] <= 1.1 * best, (seed, found[-1], best)
         assert world.mean_ratio(30, 60) <= 1.2 * 1.05
-    assert max(found) / min(found) <= 1.3, found  # the same load, the same pace
+    assert max(found) / min(found) <= 1.5, found  # the same load, the same pace (issue 24)
 
 
 def test_full_speed_when_nobody_else_is_there() -> None:
@@ -180,8 +180,26 @@ def test_a_stall_of_the_server_does_not_move_the_rate() -> None:
     # The stall lands in a chunk or two: the budget does not take it for its own impact (it
     # may hold the rate a while: its dwell is no longer clearly under).
     assert before is not None and stalled.budget.rate is not None
-    assert stalled.budget.rate >= before
-    assert stalled.budget._bad == steady.budget._bad
+    assert steady.budget.rate is not None
+    assert stalled.budget.rate >= 0.9 * steady.budget.rate
+
+
+def test_a_stall_is_neither_a_cut_nor_a_linger_down() -> None:
+    rng = random.Random(7)
+    b = Controller(limit=1.2)
+    b.activity(0.0, True)
+    b.hold(0.0)
+    for i in range(120):  # a calm baseline: 2 ms commits
+        b.beat(0.3 + 0.01 * i, 0.002 * rng.uniform(0.9, 1.1))
+    assert b.hold(1.6) is None and b.rate == impact.START_RATE
+    b._next_window = math.inf  # no more windows in this test
+    t = 1.6
+    while t < 1.6 + impact.LINGER + 3:  # 10% slower, inside the budget; a 0.3 s stall at 6 s
+        took = 0.2 if 6.0 <= t < 6.3 else 0.0022 * rng.uniform(0.9, 1.1)
+        b.beat(t, took)
+        t += took + impact.BEAT
+        b.allowed(t)
+    assert b.rate == impact.START_RATE and b._bad is None
 
 
 def test_never_stops_under_saturation() -> None:
@@ -270,7 +288,7 @@ def test_the_tail_is_the_share_of_time_in_slow_commits() -> None:
     # One long stall weighs as the arrivals it delayed (20), not as one beat; alone, it
     # decides nothing.
     stall = evidence.tail([0.001] * 999 + [0.2], base, 0.01, 0.5)
-    assert stall is not None and stall.ratio > 0.015 and stall.verdict != evidence.OVER
+    assert stall is not None and stall.high > 0.015 and stall.verdict == evidence.HOLD
 
 
 def test_the_statement_index_takes_a_change_of_mix_for_no_change_of_speed() -> None:

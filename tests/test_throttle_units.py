@@ -347,8 +347,7 @@ async def test_the_impact_budget_below_full_speed_is_throttled_said_once(
     budget.others, budget.rate, budget.speed = True, 2000.0, 50_000.0
     budget._next_window = math.inf  # no idle window in this test
     budget.verdict = Judgment(TYPICAL, "statements", Evidence(
-        ratio=1.5, low=1.4, high=1.6, limit=1.2, verdict=OVER, current=0.0021, baseline=0.0014,
-        steady=1.5),
+        ratio=1.5, low=1.4, high=1.6, limit=1.2, verdict=OVER, current=0.0021, baseline=0.0014),
         budget=1.2)
     with caplog.at_level(logging.INFO, logger="backfill.throttling.governor"):
         for _ in range(5):  # batch after batch, each paced: one line, one state change

@@ -10,10 +10,10 @@ statistic is the ratio of sums at the pace over the ratio of sums in the idle wi
 spread comes from the chunks (the delta method on a ratio estimator), so a dwell of a few
 seconds is judged on dozens of chunks, not on a point estimate.
 
-A stall of the whole server (the VM's disk, a checkpoint) lands in one chunk and can double
-its mean: ``typical`` says "over" only without the pace's worst chunks (one, and one more per
-eight), and "under" only without the idle windows' worst, so a single stall moves neither
-way.
+A stall of the whole server (the VM's disk, a checkpoint) lands in a chunk or two and can
+double a dwell's mean: a chunk ``STALL`` times the baseline's median is a stall (unless a
+quarter of them are: then it is the runner's impact), left out of "over" and of the estimate
+the steps go by, kept in "under"; so a stall moves the rate neither way.
 
 The tail (``tail``) is a share: of the time a closed-loop canary spent in commits slower than
 ``(1 + budget)`` times the baseline's p99, against ``TAIL_SHARE``. A p99 of small transactions
@@ -26,6 +26,7 @@ it ran, as the application sees a stall.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ Chunk = tuple[float, float]  # (observed, expected): e.g. seconds taken, seconds
 # rate down), "under" at 84% (a step up is a probe: if it was wrong, the next dwell says so).
 Z_OVER, Z_UNDER = 1.645, 1.0
 MIN_CHUNKS = 4  # chunks at the pace and in the baseline for a judgment at all
+STALL = 4.0  # a chunk this many times the baseline's median chunk is a stall of the server ...
+STALLS = 0.25  # ... unless more than this share of the chunks are: then it is the impact
 MIN_TAIL = 100  # beats at the pace for a tail judgment (a 1% share needs a hundred) ...
 MIN_TAIL_BASE = 200  # ... and in the baseline (its p99)
 TAIL_SHARE = 0.01  # the share of time in slow commits a tail budget allows
@@ -45,19 +48,19 @@ OVER, UNDER, HOLD = "over", "under", "hold"
 class Evidence:
     """One statistic at the pace, against its limit."""
 
-    ratio: float  # the point estimate (typical: latency over baseline; tail: share over)
+    ratio: float  # the estimate, stalls left out (typical: latency over baseline; tail: share
+    # of time in slow commits)
     low: float  # its one-sided confidence bounds
     high: float
     limit: float  # the limit the ratio is held to
     verdict: str  # OVER, UNDER or HOLD
     current: float  # for the log: the latency (or share) now ...
     baseline: float  # ... and with the runner idle
-    steady: float  # the estimate without the worst chunks (a stall's): what the steps go by
 
     @property
     def excess(self) -> float:
-        """How far over its budget the steady estimate is: 0 at none, 1 at the budget."""
-        return _excess(self.steady, self.limit)
+        """How far over its budget the estimate is: 0 at none, 1 at the budget."""
+        return _excess(self.ratio, self.limit)
 
     @property
     def high_excess(self) -> float:
@@ -82,35 +85,30 @@ def ratio_of_sums(chunks: Sequence[Chunk]) -> tuple[float, float]:
     return r, variance / (r * r)
 
 
-def _without_worst(chunks: Sequence[Chunk]) -> list[Chunk]:
-    """All but the worst chunk, and one more per eight (a stall may straddle two)."""
-    drop = 1 + len(chunks) // 8
-    if len(chunks) - drop < MIN_CHUNKS:
-        return list(chunks)
-    order = sorted(range(len(chunks)), key=lambda i: chunks[i][0] / max(chunks[i][1], 1e-12))
-    keep = set(order[:-drop])
-    return [c for i, c in enumerate(chunks) if i in keep]
+def _without_stalls(chunks: Sequence[Chunk], usual: float) -> list[Chunk]:
+    """The chunks but the stalls: those over ``STALL`` times ``usual`` (the baseline's median
+    chunk), unless more than ``STALLS`` of them are (then it is no stall but the impact)."""
+    calm = [c for c in chunks if c[0] <= STALL * usual * c[1]]
+    return calm if len(calm) >= (1 - STALLS) * len(chunks) else list(chunks)
 
 
 def typical(pace: Sequence[Chunk], base: Sequence[Chunk], limit: float) -> Evidence | None:
-    """How much slower the application ran at the pace than in the baseline; None with too
-    few chunks of either."""
+    """How much slower the application ran at the pace than in the baseline, stalls left out;
+    None with too few chunks of either."""
     if len(pace) < MIN_CHUNKS or len(base) < MIN_CHUNKS:
         return None
-    r_now, v_now = ratio_of_sums(pace)
-    r_base, v_base = ratio_of_sums(base)
-    ratio = r_now / r_base
-    spread = math.sqrt(v_now + v_base)
-    low, high = ratio * math.exp(-Z_OVER * spread), ratio * math.exp(Z_UNDER * spread)
-    # A single stall decides nothing: over only without the pace's worst chunk, under only
-    # without the baseline's.
-    r_robust, v_robust = ratio_of_sums(_without_worst(pace))
-    over = r_robust / r_base * math.exp(-Z_OVER * math.sqrt(v_robust + v_base)) > limit
-    r_clean, v_clean = ratio_of_sums(_without_worst(base))
-    under = r_now / r_clean * math.exp(Z_UNDER * math.sqrt(v_now + v_clean)) < limit
-    verdict = OVER if over else UNDER if under and not over else HOLD
+    usual = statistics.median(o / e for o, e in base)
+    calm_base = _without_stalls(base, usual)
+    r_base, v_base = ratio_of_sums(calm_base)
+    r_calm, v_calm = ratio_of_sums(_without_stalls(pace, usual))
+    r_all, v_all = ratio_of_sums(pace)
+    ratio = r_calm / r_base
+    # A stall decides nothing: "over" without it, "under" with it (it may hide the impact).
+    low = ratio * math.exp(-Z_OVER * math.sqrt(v_calm + v_base))
+    high = r_all / r_base * math.exp(Z_UNDER * math.sqrt(v_all + v_base))
+    verdict = OVER if low > limit else UNDER if high < limit else HOLD
     return Evidence(ratio=ratio, low=low, high=high, limit=limit, verdict=verdict,
-                    current=r_now, baseline=r_base, steady=r_robust / r_clean)
+                    current=r_calm, baseline=r_base)
 
 
 def open_loop(beats: Sequence[float], every: float) -> list[float]:
@@ -132,16 +130,15 @@ def tail(pace: Sequence[float], base: Sequence[float], every: float, budget: flo
     if len(pace) < MIN_TAIL or len(base) < MIN_TAIL_BASE:
         return None
     threshold = (1.0 + budget) * percentile(base, 99)
-    share = _share_over(pace, every, threshold)
-    low, high = wilson(share, len(pace), Z_OVER)[0], wilson(share, len(pace), Z_UNDER)[1]
-    # As for the typical statistic, one stall decides nothing: over only without the longest.
-    robust = sorted(pace)[:-1]
-    steady = _share_over(robust, every, threshold)
-    over = wilson(steady, len(robust), Z_OVER)[0] > TAIL_SHARE
-    verdict = OVER if over else UNDER if high < TAIL_SHARE else HOLD
+    # As for the typical statistic, one stall decides nothing: "over" without the longest
+    # beat, "under" with it.
+    calm = sorted(pace)[:-1]
+    share = _share_over(calm, every, threshold)
+    low = wilson(share, len(calm), Z_OVER)[0]
+    high = wilson(_share_over(pace, every, threshold), len(pace), Z_UNDER)[1]
+    verdict = OVER if low > TAIL_SHARE else UNDER if high < TAIL_SHARE else HOLD
     return Evidence(ratio=share, low=low, high=high, limit=TAIL_SHARE, verdict=verdict,
-                    current=percentile(pace, 99), baseline=threshold / (1.0 + budget),
-                    steady=steady)
+                    current=percentile(pace, 99), baseline=threshold / (1.0 + budget))
 
 
 def _share_over(beats: Sequence[float], every: float, threshold: float) -> float:
