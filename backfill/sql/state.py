@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from backfill.sql.sync import LIFECYCLE
 from backfill.sql.text import SCHEMA, literal
 
 
@@ -104,6 +105,9 @@ MIGRATIONS = (
         f"ALTER TABLE {SCHEMA}.checkpoints ADD COLUMN IF NOT EXISTS shape text NOT NULL "
         "DEFAULT 'update'",
     ),
+    # (3 is taken by another branch's change.)
+    Migration(4, "lifecycle: each copy job's place in its table change (sync, cut-over)",
+              LIFECYCLE),
 )
 LATEST = MIGRATIONS[-1].version
 
