@@ -12,8 +12,9 @@ from backfill.sql.text import ident
 # "kind name".
 DEPENDENTS = """
 SELECT DISTINCT CASE v.relkind WHEN 'm' THEN 'materialized view ' ELSE 'view ' END
-       || v.oid::regclass::text AS what
+       || format('%I.%I', n.nspname, v.relname) AS what
 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
+JOIN pg_namespace n ON n.oid = v.relnamespace
 WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = $1::oid AND v.oid <> $1::oid
 UNION
 SELECT 'function ' || d.objid::regprocedure::text
