@@ -74,9 +74,11 @@ class Mirror:
         )
         using = f"{self._row('OLD', self.conflict)} AS backfill_old"
         if key_changed:
-            using += f", {self._row('NEW', self.conflict)} AS backfill_new"
-            same += f" AND {self._key('backfill_old')} IS DISTINCT FROM {self._key('backfill_new')}"
-        return f"DELETE FROM {self.into} AS backfill_t USING {using} WHERE {same}"
+            using += f",\n                  {self._row('NEW', self.conflict)} AS backfill_new"
+            same += (f"\n              AND {self._key('backfill_old')}"
+                     f" IS DISTINCT FROM {self._key('backfill_new')}")
+        return (f"DELETE FROM {self.into} AS backfill_t\n"
+                f"            USING {using}\n            WHERE {same}")
 
     def upsert(self) -> str:
         """Insert NEW's values, or update the target's row with that key."""
