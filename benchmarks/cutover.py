@@ -143,7 +143,7 @@ async def experiment(server: TempPostgres, rows: int, rate: float) -> dict[str, 
     for statement in ("VACUUM ANALYZE accounts", "VACUUM ANALYZE accounts_new", "CHECKPOINT"):
         await conn.execute(statement)
     await conn.close()
-    app = App(server, rows, rate, seconds=52)
+    app = App(server, rows, rate, seconds=68)
     steps: list[dict[str, Any]] = []
     ended: dict[str, Any] = {}
 
@@ -159,13 +159,15 @@ async def experiment(server: TempPostgres, rows: int, rate: float) -> dict[str, 
         for verb in ("cutover", "rollback") * 3:
             steps.append(await step(verb, job(5.0), params) | {"kind": "clean"})
             await anyio.sleep(1.5)
-        steps.append(await held(params, dsn, "cutover", job(5.0), for_seconds=7.0)
-                     | {"kind": "give up"})
-        await anyio.sleep(3)
-        steps.append(await held(params, dsn, "cutover", job(30.0), for_seconds=2.0)
-                     | {"kind": "retried"})
-        await anyio.sleep(2)
-        steps.append(await step("rollback", job(5.0), params) | {"kind": "clean"})
+        for _ in range(2):
+            steps.append(await held(params, dsn, "cutover", job(5.0), for_seconds=6.0)
+                         | {"kind": "give up"})
+            await anyio.sleep(2)
+            steps.append(await held(params, dsn, "cutover", job(30.0), for_seconds=2.0)
+                         | {"kind": "retried"})
+            await anyio.sleep(1.5)
+            steps.append(await step("rollback", job(5.0), params) | {"kind": "clean"})
+            await anyio.sleep(1.5)
     baseline = app.window(*base)
     for s in steps:
         s["app"] = app.window(s["start"], s["start"] + s["seconds"] + 1.0)
