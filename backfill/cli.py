@@ -250,6 +250,42 @@ def _left_to_do(job: Job) -> str:
 
 
 @app.command()
+def cutover(path: JobPath) -> None:
+    """Swap a finished copy's target in under the source's name (sync = "trigger").
+
+    One short transaction, retried under a short lock_timeout; the old table stays current."""
+    _step(path, "cutover", "cut over: {table} is now the copy; the old table is {old}")
+
+
+@app.command()
+def rollback(path: JobPath) -> None:
+    """Swap back after a cutover: the old table takes its name again, kept in sync."""
+    _step(path, "rollback", "rolled back: {table} is the original table again")
+
+
+@app.command()
+def finish(path: JobPath) -> None:
+    """End the reverse sync after a cutover; the old table is yours to drop."""
+    _step(path, "finish", "finished: no sync trigger left; drop {old} when you no longer need it")
+
+
+def _step(path: Path, verb: str, done: str) -> None:
+    from backfill import commands
+    from backfill.lifecycle.sync import old_name
+
+    job, params = _job(path), _params()
+    outcome = _run(lambda: getattr(commands, verb)(job, params))
+    said = done.format(table=job.table.display, old=f"{job.table.schema_}.{old_name(job)}")
+    if not outcome.changed:
+        said = f"nothing to do: job {job.name} is {outcome.phase} already"
+    elif outcome.attempts > 1:
+        said += f" ({outcome.attempts} attempts, {outcome.seconds:.1f}s)"
+    typer.echo(f"job {job.name} {said}" if outcome.changed else said)
+    for note in outcome.notes:
+        typer.echo(f"note: {note}", err=True)
+
+
+@app.command()
 def reset(
     name: Name,
     yes: Annotated[bool, typer.Option("--yes", help="Really forget the checkpoint.")] = False,

@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 import asyncpg
@@ -26,6 +27,7 @@ from backfill.errors import (
     Vanished,
 )
 from backfill.job import Job
+from backfill.lifecycle import sync as lifecycle_sync
 from backfill.pg import POOLER_HINT, Budget, close, connect, translate
 from backfill.ranges import WHOLE, Shard
 from backfill.session import PgSession
@@ -181,9 +183,11 @@ class PgConnector:
             target = await catalog.resolve(conn, job)
             change = await catalog.change(conn, job, target)
             await check_fragments(conn, job, target, change)
+            if lifecycle_sync.wanted(job):
+                await lifecycle_sync.check(conn, job, target, change)
             pid = await take_lock(conn, job.name, shard=shard, wait=job.limits.lock_wait)
             await check_own_backend(conn, self.params, job, pid)
-            ckpt = await self._load_or_create(conn, target)
+            ckpt = await self._load_or_create(conn, target, change)
             if not self._warned and job.delete is not None:
                 self._warned = True
                 for reference in await catalog.unindexed_references(conn, job):
@@ -211,10 +215,17 @@ class PgConnector:
         except Exception as exc:
             raise translate(exc, closed=conn.is_closed()) from exc
 
-    async def _load_or_create(self, conn: asyncpg.Connection, target: Target) -> Checkpoint:
+    async def _load_or_create(
+        self, conn: asyncpg.Connection, target: Target, change: Change
+    ) -> Checkpoint:
         job, shard = self.job, self.shard
         if await conn.fetchrow(sql.LOAD, job.name, shard.index) is None:
-            await ranges.create_checkpoints(conn, job, target, shards=shard.count)
+            install = None
+            if lifecycle_sync.wanted(job):
+                install = partial(lifecycle_sync.install, job=job, target=target, change=change)
+            await ranges.create_checkpoints(
+                conn, job, target, shards=shard.count, before_range=install
+            )
         ckpt = await _load(conn, job.name, shard.index)
         if ckpt.shards != shard.count:
             raise ranges.mismatch(job.name, ckpt.shards, shard.count)

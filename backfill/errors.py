@@ -71,6 +71,13 @@ class JobBusy(Interrupted):
     """Another runner holds the job's lock."""
 
 
+class GaveUp(BackfillError):
+    """A cut-over (or its reverse) found its tables held through every attempt: nothing
+    changed; run it again later."""
+
+    exit_code = ExitCode.TEMPFAIL
+
+
 class BatchFailure(Exception):
     """A failed batch attempt; the subclass encodes what the loop does next."""
 

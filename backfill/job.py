@@ -233,6 +233,9 @@ class Copy(_Frozen):
     on_conflict: Literal["nothing", "update"] = "nothing"
     # Target column = SQL expression over the source row.
     values: dict[Column, Fragment] = Field(default_factory=dict)
+    # "trigger": the runner installs the sync trigger (backfill.lifecycle) in the transaction
+    # that fixes the key range; "none": the application's writes are the user's to mirror.
+    sync: Literal["none", "trigger"] = "none"
 
     @model_validator(mode="after")
     def _distinct(self) -> Copy:
@@ -240,6 +243,17 @@ class Copy(_Frozen):
         if len(set(named)) != len(named):
             raise ValueError("a column appears twice in columns and values")
         return self
+
+
+class Cutover(_Frozen):
+    """How ``cutover`` and ``rollback`` swap the names: each attempt waits at most
+    ``lock_timeout`` for its locks (the application's statements queue behind it no longer),
+    attempts are retried with backoff for ``retry_for``; the source becomes ``old_name``."""
+
+    lock_timeout: Seconds = Field(0.1, gt=0, le=60)
+    retry_for: Seconds = Field(30.0, ge=0, le=86_400)
+    statement_timeout: Seconds = Field(10.0, gt=0, le=3600)
+    old_name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 class Delete(_Frozen):
@@ -263,6 +277,7 @@ class Job(_Frozen):
     batch: BatchConfig = BatchConfig()
     limits: Limits = Limits()
     throttle: ThrottleConfig = ThrottleConfig()
+    cutover: Cutover = Cutover()
 
     @field_validator("key", mode="before")
     @classmethod
@@ -292,6 +307,12 @@ class Job(_Frozen):
         if len(given) != 1:
             found = " and ".join(given) if given else "none"
             raise ValueError(f"a job needs exactly one of set, [copy], [delete]; it has {found}")
+        if self.copy_ is not None and self.copy_.sync == "trigger" and self.where != "true":
+            raise ValueError(
+                "copy.sync: the sync trigger mirrors every row: a job with it takes no where"
+            )
+        if "cutover" in self.model_fields_set and self.copy_ is None:
+            raise ValueError("[cutover] is for a copy job ([copy] with sync = \"trigger\")")
         return self
 
     @property
@@ -325,6 +346,8 @@ class Job(_Frozen):
                 "on_conflict": self.copy_.on_conflict,
                 "values": {c: " ".join(v.split()) for c, v in self.copy_.values.items()},
             }
+            if self.copy_.sync != "none":  # a copy without it keeps the digest it always had
+                meaning["copy"]["sync"] = self.copy_.sync  # type: ignore[index]
         if self.delete is not None:
             archive = self.delete.archive
             meaning["delete"] = {"archive": None if archive is None else archive.display}

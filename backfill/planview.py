@@ -35,4 +35,6 @@ def view(plan: Plan, job: Job) -> str:
         "EXPLAIN ANALYZE of one batch (rolled back):",
         plan.explain,
     ]
+    if plan.sync:
+        lines += ["", "sync trigger (the first run installs it with the key range):", plan.sync]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -85,9 +85,12 @@ async def bounds(conn: asyncpg.Connection, target: Target) -> tuple[Key | None, 
 
 
 async def create_checkpoints(
-    conn: asyncpg.Connection, job: Job, target: Target, *, shards: int
+    conn: asyncpg.Connection, job: Job, target: Target, *, shards: int,
+    before_range: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
 ) -> None:
-    """Fix the key range and create the job's checkpoint rows, unless a runner already did."""
+    """Fix the key range and create the job's checkpoint rows, unless a runner already did.
+    ``before_range`` runs first in the same transaction (a copy's sync trigger goes in there:
+    no write the range misses escapes it)."""
     async with conn.transaction():
         # A transaction-level lock: released at commit, so only one runner ever plans.
         await conn.execute(sql.LOCK_CREATING, job.name, CREATING)
@@ -96,6 +99,8 @@ async def create_checkpoints(
             if existing != shards:
                 raise mismatch(job.name, existing, shards)
             return
+        if before_range is not None:
+            await before_range(conn)
         lo, hi = await bounds(conn, target)
         cuts: list[Key] = []
         if shards > 1 and lo is not None:

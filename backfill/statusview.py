@@ -43,6 +43,7 @@ def entries(st: Status) -> list[dict[str, Any]]:
             c.range_lo, c.range_hi, c.cursor)
         impact = st.impact.get((c.job, c.shard))
         entry["impact"] = None if impact is None else asdict(impact)
+        entry["change"] = change_state(st.changes.get(c.job), c.state)
         out.append(entry | _rate(st.rates.get((c.job, c.shard))))
     return out
 
@@ -145,10 +146,31 @@ def view(st: Status, name: str | None) -> RenderableType:
     return Group(*parts)
 
 
+# A copy job's table change (backfill.lifecycle), as `status` says it, and the next step.
+_CHANGES = {
+    "cut over": "cut over (the old table kept in sync: `backfill finish` or `rollback`)",
+    "rolled back": "rolled back (the copy kept in sync: `backfill cutover` again)",
+    "finished": "finished (no sync trigger left; the old table is yours to drop)",
+}
+
+
+def change_state(phase: str | None, state: str) -> str | None:
+    """copying / copied / cut over / rolled back / finished, or None for a job without
+    ``sync = "trigger"``."""
+    if phase is None:
+        return None
+    if phase == "syncing":
+        return "copied (sync trigger in place: `backfill cutover`)" if state == SUCCEEDED \
+            else "copying (sync trigger in place)"
+    return _CHANGES.get(phase, phase)
+
+
 def details(e: dict[str, Any], *, every: bool) -> list[str]:
     """A shard's lines under the table: skipped keys, the last error, live control (every live
     setting with ``every``, else only the overrides)."""
     lines = []
+    if e.get("change") and e["shard"] == 0:
+        lines.append(f"  table change: {e['change']}")
     if e["impact"] is not None and (every or e["state"] in (RUNNING, THROTTLED)):
         lines.append("  " + impact_line(e["impact"]))
     if e["rows_skipped"]:

@@ -1,9 +1,10 @@
 """The recipes in docs/recipes/ work as written: every fenced block of a page runs in order on a
 real database, as a user would run it (``sql`` blocks through one connection, ``backfill``
 lines of ``sh`` blocks as the CLI in a process, each exiting 0), while an application writes to
-the table through the page's sync trigger between the steps; a block that starts with
-``-- returns no rows`` must return none; each ``toml`` block is the example job file in jobs/
-that the page's commands run, byte for byte."""
+the table by name between the steps (through the sync trigger, the cut-over, the way back); a
+block that starts with ``-- returns no rows`` must return none; each ``toml`` block is the
+example job file in jobs/ that the page's commands run, byte for byte; a ``plpgsql`` block is
+the sync trigger ``backfill plan`` shows for it, as it shows it."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class Application:
 
 APPLICATIONS = {
     "partition-a-table.md": Application(
-        starts_after="CREATE TRIGGER",
+        starts_after="backfill run",
         writes="""
             INSERT INTO public.orders (customer_id, total_cents) VALUES (1, 100), (2, 200);
             UPDATE public.orders SET total_cents = total_cents + 1 WHERE id % 997 = 0;
@@ -43,8 +44,17 @@ APPLICATIONS = {
                 SELECT id FROM public.orders WHERE id % 13 = 0 ORDER BY id LIMIT 3);""",
         after_cut_over="INSERT INTO public.orders (customer_id, total_cents) VALUES (3, 300)",
     ),
+    "split-a-table.md": Application(
+        starts_after="backfill run",
+        writes="""
+            INSERT INTO public.profiles (email, name) VALUES ('new' || clock_timestamp(), 'n');
+            UPDATE public.profiles SET name = name || '+' WHERE id % 997 = 0;
+            DELETE FROM public.profiles WHERE id IN (
+                SELECT id FROM public.profiles WHERE id % 13 = 0 ORDER BY id LIMIT 3);""",
+        after_cut_over="INSERT INTO public.profiles (email, name) VALUES ('after', 'a')",
+    ),
     "bigint-key.md": Application(
-        starts_after="CREATE TRIGGER",
+        starts_after="backfill run",
         writes="""
             INSERT INTO public.accounts (email) VALUES ('new' || clock_timestamp());
             UPDATE public.accounts SET balance = balance + 1 WHERE id % 997 = 0;
@@ -98,11 +108,12 @@ def test_the_job_file_shown_is_the_example_in_jobs(name: str) -> None:
 async def test_a_recipe_works_as_written(name: str, db: Database) -> None:
     app = APPLICATIONS[name]
     live = False
+    found = blocks(RECIPES / name)
+    jobs = {args[1] for lang, text in found if lang == "sh" for args in commands(text)
+            if args[0] == "run"}
     conn = await db.connect()
     try:
-        for lang, text in blocks(RECIPES / name):
-            if "RENAME TO" in text:
-                live = False
+        for lang, text in found:
             if live:
                 await conn.execute(app.writes)
             if lang == "sql" and text.startswith(EMPTY):
@@ -117,7 +128,11 @@ async def test_a_recipe_works_as_written(name: str, db: Database) -> None:
                         f"{name}: backfill {' '.join(args)} exited {done.returncode}\n"
                         f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
                     )
-            if app.starts_after in text and lang == "sql":
+            elif lang == "plpgsql":  # the sync trigger, as `plan` shows it before the run
+                (path,) = jobs
+                shown = cli("plan", path, env=db.env())
+                assert text.strip() in shown.stdout, f"{name}: plan shows another trigger"
+            if app.starts_after in text:
                 live = True
         if app.after_cut_over is not None:  # the new table takes the application's writes
             await conn.execute(app.after_cut_over)

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from backfill.commands.inspect import Plan as Plan
     from backfill.commands.inspect import plan as plan
     from backfill.commands.inspect import verify as verify
+    from backfill.commands.lifecycle import cutover as cutover
+    from backfill.commands.lifecycle import finish as finish
+    from backfill.commands.lifecycle import rollback as rollback
     from backfill.commands.runner import run as run
     from backfill.commands.state import Controlled as Controlled
     from backfill.commands.state import Impact as Impact
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 _MODULES = {
     "_common": ("ADMIN_BUDGET",),
     "inspect": ("Plan", "plan", "verify"),
+    "lifecycle": ("cutover", "finish", "rollback"),
     "runner": ("run",),
     "state": ("Controlled", "Impact", "Rate", "Status", "init", "pause", "reset", "resume",
               "set_live", "status"),

@@ -16,6 +16,7 @@ from backfill.connector import check_fragments, open_connection
 from backfill.conninfo import ConnectParams
 from backfill.errors import ConfigError
 from backfill.job import Job
+from backfill.lifecycle import sync as lifecycle_sync
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class Plan:
     estimated_seconds: float
     shape: str = "update"
     warnings: tuple[str, ...] = ()
+    sync: str = ""  # the sync trigger a copy with sync = "trigger" installs (its SQL)
 
 
 async def plan(job: Job, params: ConnectParams) -> Plan:
@@ -55,6 +57,10 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
     target = await catalog.resolve(conn, job)
     change = await catalog.change(conn, job, target)
     await check_fragments(conn, job, target, change)
+    sync_sql = ""
+    if lifecycle_sync.wanted(job):
+        await lifecycle_sync.check(conn, job, target, change)
+        sync_sql = lifecycle_sync.install_sql(job, target, change)
     rows_in_table = await catalog.estimated_rows(conn, job)
     explain_text, batch_seconds, matching = "(empty key range: nothing to do)", 0.0, 0
     # All in one transaction, rolled back: the checkpoint row is locked first, so a running
@@ -123,6 +129,7 @@ async def _plan(conn: asyncpg.Connection, job: Job) -> Plan:
         estimated_seconds=batches * (batch_seconds + job.batch.sleep_seconds),
         shape=job.shape,
         warnings=tuple(warnings),
+        sync=sync_sql,
     )
 
 

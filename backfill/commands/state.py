@@ -17,6 +17,7 @@ from backfill.connector import require_state_schema, schema_version, take_lock
 from backfill.conninfo import ConnectParams
 from backfill.progress import run_rate
 from backfill.ranges import CREATING
+from backfill.sql import sync
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class Status:
     # Live overrides of jobs that have not started yet (`pause`/`set` before the first run).
     pending: dict[str, dict[str, Any]] = field(default_factory=dict)
     impact: dict[tuple[str, int], Impact] = field(default_factory=dict)
+    # Each copy job's place in its table change (sync = "trigger"): backfill.lifecycle's phase.
+    changes: dict[str, str] = field(default_factory=dict)
 
 
 async def status(params: ConnectParams, name: str | None = None, *, history: int = 10) -> Status:
@@ -92,6 +95,7 @@ async def status(params: ConnectParams, name: str | None = None, *, history: int
         now = await guard(conn.fetchval(sql.NOW))
         pending = await guard(conn.fetch(sql.PENDING_CONTROLS, name))
         canaries = await guard(conn.fetch(sql.CANARIES, name))
+        phases = await guard(conn.fetch(sync.PHASES, name))
     finally:
         await conn.close()
     impact = {
@@ -110,7 +114,7 @@ async def status(params: ConnectParams, name: str | None = None, *, history: int
         rates[(c.job, c.shard)] = Rate(rate, eta, age)
     return Status(
         checkpoints, [dict(r) for r in runs], rates, {r["job"]: r["control"] for r in pending},
-        impact,
+        impact, {r["job"]: r["phase"] for r in phases},
     )
 
 

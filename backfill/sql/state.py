@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from backfill.sql.sync import LIFECYCLE
 from backfill.sql.text import SCHEMA, literal
 
 
@@ -109,6 +110,8 @@ MIGRATIONS = (
         "canaries.rate: the impact budget's rate in rows a second (duty is no longer written)",
         f"ALTER TABLE {SCHEMA}.canaries ADD COLUMN IF NOT EXISTS rate double precision",
     ),
+    Migration(4, "lifecycle: each copy job's place in its table change (sync, cut-over)",
+              LIFECYCLE),
 )
 LATEST = MIGRATIONS[-1].version
 
@@ -197,9 +200,11 @@ SET state = $3, error = $4, updated_at = now(),
     finished_at = CASE WHEN $3 = 'succeeded' THEN now() ELSE finished_at END
 WHERE job = $1 AND shard = $2
 """
-# Forget a job: its checkpoints and its pending overrides.
+# A finished table change is forgotten with it (one still under way is kept: its triggers are
+# in place, and `cutover`, `rollback` and `finish` go on from its phase).
 RESET = f"""
-WITH forgotten AS (DELETE FROM {SCHEMA}.controls WHERE job = $1)
+WITH forgotten AS (DELETE FROM {SCHEMA}.controls WHERE job = $1),
+     changed AS (DELETE FROM {SCHEMA}.lifecycle WHERE job = $1 AND phase = 'finished')
 DELETE FROM {SCHEMA}.checkpoints WHERE job = $1
 """
 
