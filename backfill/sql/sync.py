@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from backfill.sql.text import SCHEMA, ident
 
+# PostgreSQL's longest identifier, in bytes.
 _MAX_IDENT = 63
 
 
@@ -167,8 +168,9 @@ INSERT INTO {SCHEMA}.lifecycle (job, phase, source, target, old) VALUES ($1, 'sy
 ON CONFLICT (job) DO UPDATE SET phase = 'syncing', source = $2, target = $3, old = $4,
     updated_at = now()
 """
-# A job's phase ($1), locked for the step that changes it.
+# A job's phase ($1).
 PHASE = f"SELECT * FROM {SCHEMA}.lifecycle WHERE job = $1"
+# The same, locked for the step that changes it.
 PHASE_LOCKED = f"SELECT * FROM {SCHEMA}.lifecycle WHERE job = $1 FOR UPDATE"
 # Every job's phase (or one's).
 PHASES = f"SELECT job, phase FROM {SCHEMA}.lifecycle WHERE $1::text IS NULL OR job = $1"
