@@ -32,10 +32,8 @@ async def cutover(job: Job, params: ConnectParams) -> Outcome:
     through every attempt."""
     conn = await _connect(job, params, "cutover")
     try:
-        phase = await _phase(conn, job, "cutover")
-        if phase == "cut over":
-            return Outcome(phase, changed=False)
-        _expect(job, phase, ("syncing", "rolled back"), "cutover")
+        if not await _due(conn, job, "cutover", "cut over", ("syncing", "rolled back")):
+            return Outcome("cut over", changed=False)
         await _copied(conn, job)
         target = await guard(catalog.resolve(conn, job))
         change = await guard(catalog.change(conn, job, target))
@@ -58,10 +56,8 @@ async def rollback(job: Job, params: ConnectParams) -> Outcome:
     cut-over)."""
     conn = await _connect(job, params, "rollback")
     try:
-        phase = await _phase(conn, job, "rollback")
-        if phase == "rolled back":
-            return Outcome(phase, changed=False)
-        _expect(job, phase, ("cut over",), "rollback")
+        if not await _due(conn, job, "rollback", "rolled back", ("cut over",)):
+            return Outcome("rolled back", changed=False)
         assert job.copy_ is not None
         d = Direction(
             verb="rollback", schema=job.table.schema_, name=job.table.name,
@@ -80,10 +76,8 @@ async def finish(job: Job, params: ConnectParams) -> Outcome:
     table stays, the user's to drop."""
     conn = await _connect(job, params, "finish")
     try:
-        phase = await _phase(conn, job, "finish")
-        if phase == "finished":
-            return Outcome(phase, changed=False)
-        _expect(job, phase, ("cut over",), "finish")
+        if not await _due(conn, job, "finish", "finished", ("cut over",)):
+            return Outcome("finished", changed=False)
         rel = await guard(conn.fetchrow(sql.RELATION, job.table.schema_, job.table.name))
         if rel is None:
             raise ConfigError(f"finish: {job.table.display} does not exist")
@@ -121,14 +115,16 @@ async def _connect(job: Job, params: ConnectParams, verb: str) -> asyncpg.Connec
     return conn
 
 
-async def _phase(conn: asyncpg.Connection, job: Job, verb: str) -> str | None:
+async def _due(conn: asyncpg.Connection, job: Job, verb: str, done: str,
+               wanted: tuple[str, ...]) -> bool:
+    """Whether ``verb`` has work to do: False when the job is ``done`` already (the step
+    committed before); ``ConfigError`` unless its phase is one of ``wanted``."""
     row = await guard(conn.fetchrow(sync.PHASE, job.name))
-    return None if row is None else str(row["phase"])
-
-
-def _expect(job: Job, phase: str | None, wanted: tuple[str, ...], verb: str) -> None:
+    phase = None if row is None else str(row["phase"])
+    if phase == done:
+        return False
     if phase in wanted:
-        return
+        return True
     now = {None: "not started (run it first)", "syncing": "copying"}.get(phase, phase)
     raise ConfigError(f"{verb}: job {job.name} is {now}; {verb} needs it {' or '.join(wanted)}")
 
