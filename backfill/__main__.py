@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from backfill.cli import main
+from backfill.commands.argv import main
 
 main()

@@ -4,29 +4,34 @@
 Start-up is part of the interface (``backfill --help`` in well under 0.2 s, and a run's first
 batch soon after the process starts): this module imports only typer and the standard library,
 and each command imports what it needs (pydantic, asyncpg, prometheus-client) when it runs.
+``backfill run`` does not even come here: ``backfill.commands.argv`` parses and dispatches it
+without building this CLI (and sends anything it does not read exactly as typer would here).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from backfill import __version__
-from backfill.errors import BackfillError, ConfigError, ExitCode, first_error
+from backfill.commands.argv import from_environment as _from_environment  # noqa: F401
+from backfill.commands.argv import job as _job
+from backfill.commands.argv import loop_options as _loop_options  # noqa: F401
+from backfill.commands.argv import params as _params
+from backfill.commands.argv import run_async as _run
+from backfill.commands.argv import run_job
+from backfill.commands.argv import telemetry as _telemetry
+from backfill.errors import BackfillError, ExitCode
 from backfill.live import LIVE_KEYS
 
 if TYPE_CHECKING:
     from backfill import commands
-    from backfill.conninfo import ConnectParams
     from backfill.job import Job
-    from backfill.settings import Telemetry
 
 app = typer.Typer(
     add_completion=False,
@@ -47,50 +52,6 @@ WATCH_SECONDS = 2.0  # `status --watch` without SECONDS
 def _metrics_port(help: str) -> Any:
     """``--metrics-port`` (``run``, ``demo``): a port, 0 for none, unset for the environment's."""
     return typer.Option(min=0, max=65535, show_default=False, help=help)
-
-
-def _from_environment(read: Callable[[], T], what: str) -> T:
-    """``read()`` settings from the environment: a value they refuse is a ``ConfigError`` that
-    names ``what`` and the variable."""
-    from pydantic import ValidationError
-
-    try:
-        return read()
-    except ValidationError as exc:
-        where, message = first_error(exc)
-        raise ConfigError(f"{what}: {where[-1]}: {message}") from exc
-
-
-def _params() -> ConnectParams:
-    from backfill.settings import DatabaseSettings
-
-    return _from_environment(lambda: DatabaseSettings().params(), "connection settings")
-
-
-def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    import anyio
-
-    return anyio.run(fn, backend="asyncio", backend_options=_loop_options())
-
-
-def _loop_options() -> dict[str, Any]:
-    """``BACKFILL_UVLOOP=1`` runs the event loop on uvloop (the ``fast`` extra), when it is
-    installed; see docs/performance.md for what it measured."""
-    if os.environ.get("BACKFILL_UVLOOP") != "1":
-        return {}
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            "BACKFILL_UVLOOP=1 but uvloop is not installed: pip install 'backfill[fast]'"
-        ) from None
-    return {"use_uvloop": True}
-
-
-def _job(path: Path) -> Job:
-    from backfill.job import load_job
-
-    return load_job(path)
 
 
 def _version(show: bool) -> None:
@@ -167,21 +128,7 @@ def run(
     """Run (or resume) a job.
 
     Ctrl-C or SIGTERM stops after the batch in flight; run again to resume."""
-    from backfill import commands
-    from backfill.job import DONE_WORDS
-    from backfill.ranges import Shard
-
-    job, params = _job(path), _params()
-    part = Shard.parse(shard) if shard is not None else Shard()
-    telemetry = _telemetry(metrics_port=metrics_port, log_every=progress_every)
-    ckpt = _run(lambda: commands.run(job, params, shard=part, telemetry=telemetry))
-    label = f" shard {part}" if part.count > 1 else ""
-    typer.echo(
-        f"job {job.name}{label} done: "
-        f"{ckpt.rows_updated:,} rows {DONE_WORDS[job.shape]} in {ckpt.batches:,} batches"
-        + (f", {ckpt.rows_skipped} skipped" if ckpt.rows_skipped else ""),
-        err=True,
-    )
+    run_job(path, shard=shard, metrics_port=metrics_port, progress_every=progress_every)
 
 
 @app.command()
@@ -415,13 +362,6 @@ def manifest(
     for name in made.files:
         typer.echo(f"wrote {out / name}")
     typer.echo(f"apply it with: kubectl apply -k {out}")
-
-
-def _telemetry(*, metrics_port: int | None, log_every: float | None) -> Telemetry:
-    from backfill.settings import TelemetrySettings
-
-    settings = _from_environment(TelemetrySettings, "metrics settings")
-    return settings.telemetry(metrics_port=metrics_port, log_every=log_every)
 
 
 def _watch_seconds(argv: list[str]) -> list[str]:

@@ -166,10 +166,8 @@ class PgSession:
         if row is None:
             raise Vanished(self.job.name)
         self._own(row["pid"])
-        # This session's batches: the last group's entries in ``recent`` that its backend
-        # wrote (another runner's, were there one despite the lock, are not its own).
-        entries = zip(*[iter(row["recent"] or [])] * 3, strict=True)
-        mine = [(rows, micros) for rows, micros, pid in entries if pid == row["pid"]]
+        # The last group's batches, as each recorded itself in this session (``sql.RECENT``).
+        mine = _recent(row["recent"])
         results: list[BatchResult] = []
         if row["batches"] != before.batches:
             cursor = tuple(row["cursor"])
@@ -268,6 +266,12 @@ class PgSession:
             raise self._translate(exc) from exc
         if row is not None:
             self._checkpoint = to_checkpoint(row)
+
+
+def _recent(text: str | None) -> list[tuple[int, int]]:
+    """``sql.RECENT``'s entries: (rows, microseconds) per batch."""
+    pairs = (entry.split(",") for entry in (text or "").split())
+    return [(int(rows), int(micros)) for rows, micros in pairs]
 
 
 def _advance(ckpt: Checkpoint, cursor: Key, rows: int, control: dict[str, Any]) -> Checkpoint:

@@ -13,9 +13,9 @@ and a run on a 1-row table, which has nothing to do but start, do one batch and 
 - Start-up: ``python -m backfill --help`` (wall time through ``launch.py``), and, on the 1-row
   runs, the time from the launcher's start of the process to the start of its first batch: a
   trigger on the checkpoint records the server's clock when the first batch saves it, less the
-  batch's own duration (which the batch statement records in ``recent``). The server and the
-  launcher read the same clock (one machine). Also when the run was recorded
-  (``backfill.runs.started_at``: connected, locked, checked).
+  batch's own duration (which the batch statement records in the session's
+  ``backfill.recent``). The server and the launcher read the same clock (one machine). Also
+  when the run was recorded (``backfill.runs.started_at``: connected, locked, checked).
 - uvloop: only when it is importable and the runner really uses it for ``BACKFILL_UVLOOP=1``
   (and not without): checked once with ``python -X importtime`` on the 1-row table.
 """
@@ -50,7 +50,9 @@ FIRST_BATCH = f"""
 CREATE TABLE public.bench_first_batch (at timestamptz NOT NULL, micros int8);
 CREATE FUNCTION public.bench_first_batch() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO public.bench_first_batch VALUES (clock_timestamp(), NEW.recent[2]);
+    INSERT INTO public.bench_first_batch VALUES (
+        clock_timestamp(),
+        split_part(split_part(current_setting('{sql.RECENT}', true), ' ', 1), ',', 2)::int8);
     RETURN NULL;
 END $$;
 CREATE TRIGGER bench_first_batch AFTER UPDATE ON {sql.SCHEMA}.checkpoints

@@ -20,6 +20,9 @@ from backfill.sql.batch import (
     MOVED as MOVED,
 )
 from backfill.sql.batch import (
+    RECENT as RECENT,
+)
+from backfill.sql.batch import (
     batch as batch,
 )
 from backfill.sql.batch import (

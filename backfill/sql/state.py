@@ -112,6 +112,12 @@ MIGRATIONS = (
     ),
     Migration(4, "lifecycle: each copy job's place in its table change (sync, cut-over)",
               LIFECYCLE),
+    Migration(
+        5,
+        "checkpoints.recent dropped: a group's batches record themselves in the session "
+        "(backfill.recent), never in the checkpoint's row",
+        f"ALTER TABLE {SCHEMA}.checkpoints DROP COLUMN IF EXISTS recent",
+    ),
 )
 LATEST = MIGRATIONS[-1].version
 
@@ -154,7 +160,7 @@ SELECT pg_try_advisory_lock(hashtext('backfill:' || $1), $2) AS locked, pg_backe
 """
 # The backend serving this connection.
 BACKEND_PID = "SELECT pg_backend_pid()"
-# The array types the runner's statements use (keys, a batch's ``recent``, the catalog
+# The array types the runner's statements use (keys, the catalog
 # checks' flags), named in one statement right after connecting: asyncpg looks up each type it
 # does not know at the first statement that uses it (a recursive catalog query, with JIT
 # switched off and on around it), once per statement that brings new ones otherwise.
