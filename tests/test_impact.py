@@ -184,6 +184,9 @@ def test_a_stall_of_the_server_does_not_move_the_rate() -> None:
     assert stalled.budget.rate >= 0.9 * steady.budget.rate
 
 
+END = impact.FIRST_WINDOW + 0.1  # just after the first idle window
+
+
 def test_a_stall_is_neither_a_cut_nor_a_linger_down() -> None:
     rng = random.Random(7)
     b = Controller(limit=1.2)
@@ -191,11 +194,11 @@ def test_a_stall_is_neither_a_cut_nor_a_linger_down() -> None:
     b.hold(0.0)
     for i in range(120):  # a calm baseline: 2 ms commits
         b.beat(0.3 + 0.01 * i, 0.002 * rng.uniform(0.9, 1.1))
-    assert b.hold(1.6) is None and b.rate == impact.START_RATE
+    assert b.hold(END) is None and b.rate == impact.START_RATE
     b._next_window = math.inf  # no more windows in this test
-    t = 1.6
-    while t < 1.6 + impact.LINGER + 3:  # 10% slower, inside the budget; a 0.3 s stall at 6 s
-        took = 0.2 if 6.0 <= t < 6.3 else 0.0022 * rng.uniform(0.9, 1.1)
+    t = END
+    while t < END + impact.LINGER + 3:  # 10% slower, inside the budget; a 0.3 s stall after 4.4 s
+        took = 0.2 if END + 4.4 <= t < END + 4.7 else 0.0022 * rng.uniform(0.9, 1.1)
         b.beat(t, took)
         t += took + impact.BEAT
         b.allowed(t)
@@ -215,14 +218,14 @@ def test_grows_only_when_the_rate_was_used() -> None:
     b.hold(0.0)
     for i in range(300):  # a calm baseline
         b.beat(0.3 + 0.005 * i, 0.001)
-    assert b.hold(1.6) is None
+    assert b.hold(END) is None
     start = b.rate
     for i in range(400):  # no impact at all, but the runner wrote nothing
-        b.beat(1.6 + 0.01 * i, 0.001)
-    b.allowed(5.5)
+        b.beat(END + 0.01 * i, 0.001)
+    b.allowed(END + 3.9)
     assert b.rate == start
-    b.worked(5.6, 0.01, 10_000)
-    b.allowed(6.1)
+    b.worked(END + 4.0, 0.01, 10_000)
+    b.allowed(END + 4.5)
     assert b.rate is not None and start is not None and b.rate > start
 
 

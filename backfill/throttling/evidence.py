@@ -39,7 +39,7 @@ MIN_CHUNKS = 4  # chunks at the pace and in the baseline for a judgment at all
 STALL = 4.0  # a chunk this many times the baseline's median chunk is a stall of the server ...
 STALLS = 0.25  # ... unless more than this share of the chunks are: then it is the impact
 MIN_TAIL = 100  # beats at the pace for a tail judgment (a 1% share needs a hundred) ...
-MIN_TAIL_BASE = 200  # ... and in the baseline (its p99)
+MIN_TAIL_BASE = 100  # ... and in the baseline (its p99: the second slowest of a hundred)
 TAIL_SHARE = 0.01  # the share of time in slow commits a tail budget allows
 OVER, UNDER, HOLD = "over", "under", "hold"
 

@@ -39,11 +39,13 @@ from backfill.throttling import evidence
 from backfill.throttling.evidence import OVER, UNDER, Chunk, Evidence
 from backfill.throttling.statements import Snapshot, StatementIndex
 
-BEAT = 0.02  # seconds between canary beats while someone else is at work ...
-BEAT_IDLE = 0.1  # ... while nobody is (there is nothing to measure for) ...
-BEAT_WINDOW = 0.005  # ... and during an idle window (the baseline's p99 wants many)
+BEAT = 0.02  # seconds between canary beats while someone else is at work, idle windows
+# included: a canary that beats faster is faster (its backend stays hot), and a baseline taken
+# at another cadence than the pace is biased (~10% at 0.005 s against 0.02 s) ...
+BEAT_IDLE = 0.1  # ... and while nobody is (there is nothing to measure for)
 WINDOW = 0.8  # seconds of an idle window
-FIRST_WINDOW = 1.5  # seconds of the window that starts a baseline (at the start, a new load)
+FIRST_WINDOW = 3.0  # seconds of the window that starts a baseline (at the start, a new load):
+# long enough for the tail's p99 (`evidence.MIN_TAIL_BASE` beats at `BEAT`)
 SETTLE = 0.3  # seconds after a change (or a window's start) before measures count
 EVERY = 7.0  # seconds of work between idle windows
 POOL = 16  # windows pooled into the baseline
@@ -191,7 +193,7 @@ class Controller:
 
     @property
     def beat_every(self) -> float:
-        return BEAT_IDLE if self.idle else BEAT_WINDOW if self.measuring else BEAT
+        return BEAT_IDLE if self.idle else BEAT
 
     @property
     def idle(self) -> bool:
