@@ -19,13 +19,11 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from backfill import __version__
-from backfill.commands.argv import from_environment as _from_environment  # noqa: F401
-from backfill.commands.argv import job as _job
-from backfill.commands.argv import loop_options as _loop_options  # noqa: F401
-from backfill.commands.argv import params as _params
-from backfill.commands.argv import run_async as _run
-from backfill.commands.argv import run_job
-from backfill.commands.argv import telemetry as _telemetry
+from backfill.commands.launch import job as _job
+from backfill.commands.launch import params as _params
+from backfill.commands.launch import run_async as _run
+from backfill.commands.launch import run_job
+from backfill.commands.launch import telemetry as _telemetry
 from backfill.errors import BackfillError, ExitCode
 from backfill.live import LIVE_KEYS
 

@@ -8,7 +8,7 @@ from benchmarks.bars import bar, num, span
 
 # Runner / procedure rows/s, whole process, batches not waiting for the flush (the default).
 GOALS = {1000: 1.05, 10_000: 1.1}
-HELP_SECONDS, FIRST_BATCH_SECONDS, CPU_MS = 0.2, 0.2, 0.2
+HELP_SECONDS, FIRST_BATCH_SECONDS, CPU_MS = 0.2, 0.3, 0.2  # issue 26: the first batch <= 0.3 s
 
 
 def markdown(results: dict[str, Any]) -> list[str]:
