@@ -144,9 +144,10 @@ def group(name: str, *, size: int, version: int, count: int, job: str, shard: in
     rolls back, the rest never run); since PostgreSQL 13 each gets its own statement_timeout.
     Only integers the runner made and the job's name (a validated identifier) are inlined."""
     tail = f"{literal(job)}, {int(shard)}"
-    # The record emptied first, in a transaction of its own: a first batch that rolls back
-    # (a lost swap) would otherwise leave the group before's entries in it.
-    return f"SELECT set_config('{RECENT}', '', false); " + "".join(
+    # The record emptied first, in a transaction of its own (explicitly: a statement before
+    # the first BEGIN would join the first batch's transaction), so that a first batch that
+    # rolls back (a lost swap) cannot leave the group before's entries in it.
+    return f"BEGIN; SELECT set_config('{RECENT}', '', false); COMMIT; " + "".join(
         f"BEGIN; EXECUTE {name}({int(size)}, {int(version) + i}, {tail}, {str(i == 0).lower()}); "
         "COMMIT; "
         for i in range(count)

@@ -15,6 +15,7 @@ import pytest
 from backfill import commands, connector, sql
 from backfill.checkpoint import BatchResult, Checkpoint
 from backfill.connector import Identity, PgConnector
+from backfill.errors import Superseded
 from backfill.job import parse_job
 from tests.conftest import Database, seed_users, users_job
 
@@ -95,11 +96,10 @@ async def test_two_runners_without_the_lock_update_every_row_once(
     assert lost >= 1
     if turns:
         assert all(rec.commits for rec in recorders)  # they took turns
-    # What each runner reported is what it did: together, every row once. (Grouped, a runner
-    # finds its batches in the checkpoint's record of the group, which the other runner may
-    # overwrite first: then it reports fewer, never more; the checkpoint's count is exact.)
+    # What each runner reported is what it did: together, every row once (grouped, each finds
+    # its batches in its own session's record, which a lost swap leaves empty).
     reported = sum(r.rows for rec in recorders for r in rec.commits)
-    assert reported == rows if turns else reported <= rows
+    assert reported == rows
     ckpt = await admin.fetchrow("SELECT * FROM backfill.checkpoints WHERE job = $1", NAME)
     assert ckpt["rows_updated"] == rows
     figures["lost_swaps"] += lost
@@ -125,3 +125,22 @@ async def test_a_lost_swap_writes_nothing(db: Database, admin: asyncpg.Connectio
         row = await statement.fetchrow(100, before["batches"], NAME, 0, True)
         assert row["cursor"] == ["200"] and row["rows"] == 100
     await exactly_once(admin, 1, 200)
+
+
+async def test_a_group_that_loses_its_swap_reports_nothing(
+    db: Database, admin: asyncpg.Connection
+) -> None:
+    """A group whose first batch finds the checkpoint moved on commits nothing and reports
+    nothing: not the batches of the group before it, which its session recorded."""
+    await seed_users(db, "generate_series(1, 100000)")
+    job = parse_job(users_job(where="true"))
+    opener = PgConnector(db.params, job, identity=Identity("here", 1))
+    async with opener.session() as s:
+        first = await s.run_batches(None, 100)
+        done = await s.run_batches(first[0].cursor, 100, within=0.1)
+        assert len(done) > 1, "the second call ran no group"
+        await admin.execute("UPDATE backfill.checkpoints SET batches = batches + 1")
+        with pytest.raises(Superseded) as lost:
+            await s.run_batches(done[-1].cursor, 100, within=0.1)
+        assert not lost.value.committed
+    await exactly_once(admin, 1, 100 * (1 + len(done)))
