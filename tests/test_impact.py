@@ -41,6 +41,7 @@ class World:
     seed: int = 1
     statements: bool = False  # feed pg_stat_statements snapshots too
     stalls: tuple[tuple[float, float], ...] = ()  # (start, seconds): the whole server stalls
+    slow: tuple[float, float, float] = (0.0, 0.0, 1.0)  # (start, seconds, factor): a slow spell
     now: float = 0.0
     rows: int = 0
     done: deque[tuple[float, int]] = field(default_factory=deque)  # (end, rows) of batches
@@ -65,6 +66,9 @@ class World:
         value = self.service / (1 - u)
         if any(s <= t < s + d for s, d in self.stalls):
             value += 0.15
+        start, seconds, factor = self.slow
+        if start <= t < start + seconds:
+            value *= factor
         sd = self.noise if noise is None else noise
         return value * (math.exp(self.rng.gauss(0, sd)) if noisy else 1.0)
 
@@ -182,6 +186,19 @@ def test_a_stall_of_the_server_does_not_move_the_rate() -> None:
     assert before is not None and stalled.budget.rate is not None
     assert steady.budget.rate is not None
     assert stalled.budget.rate >= 0.9 * steady.budget.rate
+
+
+@pytest.mark.parametrize("statements", [False, True])
+def test_a_baseline_taken_in_a_slow_spell_is_measured_again(statements: bool) -> None:
+    """The first baseline lands in a spell where everything is 1.6x slower: the runner then
+    reads as making the application faster, which it cannot; the budget measures again
+    instead of racing to a rate far over its budget."""
+    for seed in (1, 2, 3):
+        world = World(Controller(limit=1.2), seed=seed, statements=statements,
+                      slow=(0.0, impact.FIRST_WINDOW + 0.5, 1.6))
+        world.run(60)
+        assert world.mean_ratio(30, 60) <= 1.2 * 1.05, seed
+        assert world.rows_per_second(30, 60) >= 0.6 * best_rate(world, 1.2, 30), seed
 
 
 END = impact.FIRST_WINDOW + 0.1  # just after the first idle window

@@ -19,6 +19,8 @@ the runner may write at (``rate``; None: no limit), idle windows that measure th
   the geometric midpoint to it, and the mark fades by 10% every ``FADE_EVERY`` seconds. Inside
   the noise the rate holds, and the evidence keeps accumulating, so the interval narrows;
   after ``LINGER`` seconds without a clear answer the rate moves 10-15% by the estimate.
+  The application clearly faster at the pace than in the baseline (``STALE``) means the
+  baseline was taken in a slow spell: the rate holds while it is measured again.
 - The runner's work is spread evenly at that rate (the token bucket of
   ``max_rows_per_second``, small batches): the application's latency is convex in the
   runner's instantaneous pace, so a smooth rate costs less than bursts at the same mean.
@@ -59,6 +61,8 @@ START_SHARE = 0.05  # the rate to start from under load: this share of the runne
 START_RATE = 1000.0  # ... or this many rows a second, before its speed is known
 FLOOR = 10.0  # rows a second: the least rate (the run never stops while the budget allows)
 UP, DOWN = (1.1, 2.0), (0.5, 0.85)  # the range of a step up and of a step down
+STALE = 0.9  # the application clearly this much faster at the pace than in the baseline: the
+# baseline is stale (taken in a slow spell), measured again (at most once every ``KEEP`` s)
 USED = 0.8  # the rate grows only when the runner wrote at least this share of it
 FADE, FADE_EVERY = 0.1, 30.0  # a bad mark rises by this share every so many seconds
 LOOKS = 10  # looks at other sessions without anyone at work before nobody is there ...
@@ -117,6 +121,7 @@ class Controller:
     _next_window: float = -math.inf  # the first window is due at once
     _changed: float = -math.inf
     _decided: float = -math.inf
+    _rebased: float = -math.inf
     _bad: float | None = None  # the lowest rate known to exceed the budget
     _bad_at: float = 0.0
     _good: float | None = None  # the highest rate known to keep within it
@@ -270,6 +275,8 @@ class Controller:
         if any(j.evidence.verdict == OVER for j in found):
             self._bad, self._bad_at = min(self._bad or self.rate, self.rate), now
             self._set(self.rate * _clamp(1.0 / max(steady, 1e-6), *DOWN), now)
+        elif _stale(found) and now - self._rebased >= KEEP:
+            self._rebase(now)
         elif all(j.evidence.verdict == UNDER for j in found) and self._used(since, now):
             self._good = max(self._good or 0.0, self.rate)
             self._grow(_clamp(2.0 - (steady + high) / 2, *UP), now)
@@ -278,6 +285,14 @@ class Controller:
                 self._set(self.rate * DOWN[1], now)
             elif e.excess < 1.0 and self._used(since, now):
                 self._grow(UP[0], now)
+
+    def _rebase(self, now: float) -> None:
+        """A baseline the application beats at the pace was taken in a slow spell: the rate
+        holds while a new one is measured (a first window: ``FIRST_WINDOW`` seconds)."""
+        self._rebased = now
+        self._windows.clear()
+        self._statements.forget()
+        self._next_window = now
 
     def _grow(self, factor: float, now: float) -> None:
         assert self.rate is not None
@@ -335,6 +350,13 @@ class Controller:
 
 def _clamp(value: float, low: float, high: float) -> float:
     return min(high, max(low, value))
+
+
+def _stale(found: Iterable[Judgment]) -> bool:
+    """The application clearly faster at the pace than in the baseline, on a typical signal:
+    the runner cannot make it faster, so the baseline is what moved."""
+    return any(j.statistic == TYPICAL and j.evidence.high < 1.0 and j.evidence.ratio < STALE
+               for j in found)
 
 
 def _inside(at: float, spans: Iterable[tuple[float, float]]) -> bool:
