@@ -17,7 +17,6 @@ configuration) pushes nothing, so it cannot clobber the group of the runner that
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import socket
@@ -171,10 +170,6 @@ class Exporter:
                 return
             if t.linger > 0:
                 await anyio.to_thread.run_sync(self._scraped_final.wait, t.linger)
-            # A listening socket shut down wakes the serving thread's poll at once (Linux),
-            # instead of at its next poll_interval: ~50 ms off every run's end.
-            with contextlib.suppress(OSError):
-                server.socket.shutdown(socket.SHUT_RDWR)
             await anyio.to_thread.run_sync(server.shutdown)
             server.server_close()
             self._server = None
