@@ -49,8 +49,12 @@ pytestmark = pytest.mark.anyio
 
 NAME = "users-display-name"
 # Asynchronous commits stay in the server's WAL buffers until the WAL writer's next round (at
-# most 10 s here), so that a process crash really loses some (see the module's docstring).
-LAZY_WAL = {"wal_writer_delay": "10s", "wal_writer_flush_after": "1GB"}
+# most 10 s here), so that a process crash really loses some (see the module's docstring). No
+# other process flushes them first: the background writer and autovacuum write dirty pages, and
+# a page's WAL is flushed before the page (on a busy machine, a SIGKILLed postmaster's children
+# lived long enough for a round of the background writer, and the crash lost nothing).
+LAZY_WAL = {"wal_writer_delay": "10s", "wal_writer_flush_after": "1GB",
+            "bgwriter_lru_maxpages": "0", "autovacuum": "off"}
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +178,13 @@ async def test_server_crashes_mid_run_every_row_once(
     the postmaster) while batches commit, and restarts; the runner reconnects each time."""
     rows = 60_000
     fields = await _seed(own_db, keys, rows)
+    # Each batch's statement takes 3 ms at least, so that the run outlasts four crashes however
+    # fast the machine (grouped, a fast one ran the 300 batches before the test saw the 4th).
+    await own_db.execute(f"""
+        CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_sleep(0.003); RETURN NULL; END $$;
+        CREATE TRIGGER slow AFTER UPDATE ON {fields["table"]}
+            FOR EACH STATEMENT EXECUTE FUNCTION slow()""")
     # Alone: a sleep between batches (the loop decides after each); grouped: none.
     fields |= {"batch": {"size": 200, "sleep_seconds": 0 if grouped else 0.002},
                "limits": {"connect_retry_seconds": "60s", "connect_timeout": "2s"}}
