@@ -17,6 +17,7 @@ configuration) pushes nothing, so it cannot clobber the group of the runner that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -48,6 +49,19 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
+
+
+class _Sent(list[bytes]):
+    """A response body that calls ``then`` once it has been written to the socket (the WSGI
+    server closes the body after the last write): the final scrape counts as taken only then,
+    so the run's end cannot cut it short."""
+
+    def __init__(self, body: list[bytes], then: Callable[[], None]) -> None:
+        super().__init__(body)
+        self._then = then
+
+    def close(self) -> None:
+        self._then()
 
 
 class _Quiet(WSGIRequestHandler):
@@ -111,10 +125,8 @@ class Exporter:
             return [body]
         if path in ("/metrics", "/"):
             final = self._final  # read before collecting: this scrape then shows the end
-            output: Iterable[bytes] = self._metrics_app(environ, start_response)
-            if final:
-                self._scraped_final.set()
-            return output
+            output = list(self._metrics_app(environ, start_response))
+            return _Sent(output, self._scraped_final.set) if final else output
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics or /healthz\n"]
 
@@ -170,6 +182,10 @@ class Exporter:
                 return
             if t.linger > 0:
                 await anyio.to_thread.run_sync(self._scraped_final.wait, t.linger)
+            # A listening socket shut down wakes the serving thread's poll at once (Linux),
+            # instead of at its next poll_interval: ~50 ms off every run's end.
+            with contextlib.suppress(OSError):
+                server.socket.shutdown(socket.SHUT_RDWR)
             await anyio.to_thread.run_sync(server.shutdown)
             server.server_close()
             self._server = None

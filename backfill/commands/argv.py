@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -130,6 +130,23 @@ def main() -> None:
         getattr(importlib.import_module(module), name)(**values)
     except BackfillError as error:
         print(f"backfill: error: {error}", file=sys.stderr)
-        sys.exit(int(error.exit_code))
+        _leave(int(error.exit_code))
     except KeyboardInterrupt:
-        sys.exit(130)  # as typer exits on one
+        _leave(130)  # as typer exits on one
+    _leave(0)
+
+
+def _leave(code: int) -> NoReturn:
+    """End the process once the verb has closed what it opened, without the interpreter's
+    teardown (freeing every imported module's objects: ~50 ms after a run, measured), but
+    as an exit would: non-daemon threads joined, logs and stdio flushed."""
+    import logging
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
