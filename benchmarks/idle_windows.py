@@ -3,12 +3,15 @@ short windows the budget measures its baseline in, against windows with no runne
 
 The frontier's application (``benchmarks.frontier``: one open-loop pgbench at 40% of its
 capacity, fsync on, for the whole experiment) and, in rounds, a no-runner baseline (20 s)
-between runs of 45 s: the budget loose (900%) under a fixed ceiling of 20,000 or 10,000
+between runs of 45 s: the budget loose (900%) under a fixed ceiling of 5,000, 10,000 or 20,000
 rows/s, so that the runner takes the budget's windows (0.8 s every 7 s) at a known pace, and
 ``max_impact = "20%"`` itself. A window is a gap of at least 0.6 s in the runner's progress
 log (the checkpoint's trigger). Per run: the application's mean latency in the windows (after
 the budget's 0.3 s settle, and in that settle), and while the runner works (10 s after its
-first batch, outside the windows), each over the mean of the baselines before and after it.
+first batch, outside the windows), each over the mean of the baselines before and after it;
+and what the budget itself read at work, per signal (the median of its judgments' estimates
+from the same time on, from its debug log): each against the windows it pooled, so the
+application's truth to hold it against is "at work" over "in the windows".
 
     python3 -m benchmarks.idle_windows [--rounds N] [--out PATH]
 """
@@ -36,6 +39,7 @@ from benchmarks.options import RESULTS, Options
 log = logging.getLogger("benchmarks")
 
 RUNS: dict[str, dict[str, Any]] = {
+    "loose-5k": {"throttle": {"max_impact": "900%"}, "limits": {"max_rows_per_second": 5_000}},
     "loose-20k": {"throttle": {"max_impact": "900%"}, "limits": {"max_rows_per_second": 20_000}},
     "loose-10k": {"throttle": {"max_impact": "900%"}, "limits": {"max_rows_per_second": 10_000}},
     "budget-20%": {"throttle": {"max_impact": "20%"}},
@@ -103,10 +107,24 @@ async def _one(bench: db.Bench, app_db: Any, name: str) -> dict[str, Any]:
         await anyio.sleep(BASELINE_SECONDS)
         return {"name": name, "t0": t0, "t1": time.time()}
     fields = runner.job_fields(size=1000, target_seconds=0.1, **RUNS[name])
-    await runner.cli_process(bench, fields, stop_after=RUN_SECONDS)
+    proc = await runner.cli_process(bench, fields, stop_after=RUN_SECONDS,
+                                    options=("--log-level", "debug"))
     progress = [(float(r["at"]), float(r["rows"]))
                 for r in await bench.conn.fetch(step.PROGRESS_LOG)]
-    return {"name": name, "t0": t0, "t1": time.time(), "progress": progress}
+    return {"name": name, "t0": t0, "t1": time.time(), "progress": progress,
+            "judged": _judged(proc.stderr)}
+
+
+def _judged(log_lines: str) -> list[tuple[float, dict[str, float]]]:
+    """The budget's judgments from the runner's JSON log: (epoch seconds, ratio per signal)."""
+    found = []
+    for line in log_lines.splitlines():
+        if '"impact budget judged"' in line:
+            entry = json.loads(line)
+            at = datetime.fromisoformat(entry["ts"]).timestamp()
+            found.append((at, {f"{j['statistic']} {j['signal']}": j["ratio"]
+                               for j in entry["judgments"]}))
+    return found
 
 
 def summarise(runs: list[dict[str, Any]], transactions: list[Transaction]) -> list[dict[str, Any]]:
@@ -136,7 +154,13 @@ def summarise(runs: list[dict[str, Any]], transactions: list[Transaction]) -> li
             weight = sum(w for _, w in parts)
             return sum(m * w for m, w in parts) / weight / ref if weight else None
 
+        read: dict[str, list[float]] = {}
+        for at, ratios in r["judged"]:
+            for signal, value in ratios.items():
+                if at >= first + 10:
+                    read.setdefault(signal, []).append(value)
         out.append({
+            "budget_read": {k: statistics.median(v) for k, v in sorted(read.items())},
             "name": r["name"], "baseline_ms": ref, "windows": len(gaps),
             "rows_per_second": _rate(progress),
             "in_windows": ratio([(a + impact.SETTLE, b) for a, b in gaps]),
@@ -172,20 +196,27 @@ def markdown(result: dict[str, Any]) -> str:
         f"capacity of {result.get('capacity_tps', 0):,.0f} tps (`-R "
         f"{result.get('rate', 0):,.0f}`, 8 clients, fsync on), the runs of 45 s between "
         f"no-runner baselines of 20 s; ratios over the mean of the baselines around each run.",
+        "The last columns: the application at work over the application in the windows (what "
+        "the budget should read), and the median of what the budget read, per signal.",
         "", "| run | rows/s | windows | app in the windows (after the settle) | in their first "
-        "0.3 s | app at work |", "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "0.3 s | app at work | at work / in the windows | budget read: statements | canary |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     summary = result.get("summary", [])
     for s in summary:
+        read = s.get("budget_read", {})
+        truth = (s["at_work"] / s["in_windows"]) if s["at_work"] and s["in_windows"] else None
         lines.append(f"| {s['name']} | {s['rows_per_second']:,.0f} | {s['windows']} | "
-                     f"{_x(s['in_windows'])} | {_x(s['window_settle'])} | {_x(s['at_work'])} |")
+                     f"{_x(s['in_windows'])} | {_x(s['window_settle'])} | {_x(s['at_work'])} | "
+                     f"{_x(truth)} | {_x(read.get('typical statements'))} | "
+                     f"{_x(read.get('typical canary'))} |")
     for name in RUNS:
         mine = [s for s in summary if s["name"] == name]
         if mine:
             lines.append(f"| **{name}, median** | {_median(mine, 'rows_per_second'):,.0f} | | "
                          f"{_x(_median(mine, 'in_windows'))} | "
                          f"{_x(_median(mine, 'window_settle'))} | "
-                         f"{_x(_median(mine, 'at_work'))} |")
+                         f"{_x(_median(mine, 'at_work'))} | | | |")
     return "\n".join(lines) + "\n"
 
 

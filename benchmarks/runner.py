@@ -182,12 +182,14 @@ async def cli_process(
     stop: threading.Event | None = None,
     env: dict[str, str] | None = None,
     python: tuple[str, ...] = (),
+    options: tuple[str, ...] = (),
 ) -> Process:
     """``backfill run job.toml`` in a real process, to its end (see ``spawn``); ``env`` adds to
-    its environment, ``python`` are interpreter options (e.g. ``-X importtime``)."""
+    its environment, ``python`` are interpreter options (e.g. ``-X importtime``), ``options``
+    the CLI's before the verb (e.g. ``--log-level debug``)."""
     with tempfile.TemporaryDirectory(prefix="backfill-bench-") as tmp:
         path = write_job(Path(tmp), fields)
-        args = [sys.executable, *python, "-m", "backfill", "run", str(path)]
+        args = [sys.executable, *python, "-m", "backfill", *options, "run", str(path)]
         environ = cli_env(bench.dsn) | (env or {})
         return await anyio.to_thread.run_sync(spawn, args, environ, stop_after, stop)
 

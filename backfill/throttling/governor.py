@@ -36,7 +36,7 @@ from backfill.control import Knobs, LiveControl
 from backfill.job import Job
 from backfill.protocols import Decision, Pause, Probe, Reason, Throttle
 from backfill.throttling.gates import Gates, Hold
-from backfill.throttling.impact import Controller, describe
+from backfill.throttling.impact import Controller, Judgment, describe
 from backfill.throttling.pacing import RateLimit, batch_ceiling
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class Governor:
         self._batch_seconds = 0.0
         self._rows_per_key: float | None = None  # of the last batch that found rows
         self._said_rate: float | None = None  # the budget's rate last logged
+        self._said_judged: tuple[Judgment, ...] = ()  # ... and its judgments
         self._checked_at = -math.inf
         self._hold: Hold | None = None
         self._waiting = False
@@ -166,6 +167,11 @@ class Governor:
                      "impact budget: full speed, nobody else at work" if self.impact.idle
                      else "impact budget: no limit",
                      extra={"job": self.live.job, "rows_per_second": allowed})
+        if self.impact.judged is not self._said_judged:
+            self._said_judged = self.impact.judged
+            log.debug("impact budget judged", extra={
+                "job": self.live.job, "rows_per_second": allowed,
+                "judgments": [_judgment(j) for j in self._said_judged]})
         if allowed is not None and (fixed is None or allowed < fixed):
             return allowed, Reason.IMPACT
         return fixed, Reason.RATE_LIMIT
@@ -231,6 +237,12 @@ class Governor:
             await self.probe.set_state(state)
         except Exception as exc:  # only a display: never stop or slow the run for it
             log.debug("could not show state", extra={"job": self.live.job, "error": str(exc)})
+
+
+def _judgment(j: Judgment) -> dict[str, object]:
+    e = j.evidence
+    return {"statistic": j.statistic, "signal": j.signal, "ratio": round(e.ratio, 4),
+            "low": round(e.low, 4), "high": round(e.high, 4), "verdict": e.verdict}
 
 
 def for_job(job: Job, probe: Probe | None) -> Governor:

@@ -110,6 +110,7 @@ class Controller:
     speed: float | None = None  # rows a second the runner writes while a batch runs (EWMA)
     others: bool | None = None  # other sessions at work lately (None: cannot tell)
     verdict: Judgment | None = None  # the deciding judgment last made
+    judged: tuple[Judgment, ...] = ()  # every judgment of the last decision (the debug log)
     broken: str | None = None  # why the canary cannot measure now (None: it can)
     measuring: tuple[float, float] | None = None  # the idle window under way (start, end)
     _looks: deque[bool | None] = field(default_factory=deque)
@@ -267,6 +268,7 @@ class Controller:
         found = self._judge(since, now)
         if not found:
             return
+        self.judged = tuple(found)
         self.verdict = max(found, key=lambda j: (j.evidence.verdict == OVER,
                                                  j.evidence.high_excess))
         e = self.verdict.evidence
