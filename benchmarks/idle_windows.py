@@ -211,12 +211,17 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{_x(truth)} | {_x(read.get('typical statements'))} | "
                      f"{_x(read.get('typical canary'))} |")
     for name in RUNS:
-        mine = [s for s in summary if s["name"] == name]
+        mine = [s | {"truth": s["at_work"] / s["in_windows"],
+                     **{k: v for k, v in s.get("budget_read", {}).items()}}
+                for s in summary if s["name"] == name and s["at_work"] and s["in_windows"]]
         if mine:
+            reads = [_x(_median(mine, k)) if all(k in m for m in mine) else "n/a"
+                     for k in ("typical statements", "typical canary")]
             lines.append(f"| **{name}, median** | {_median(mine, 'rows_per_second'):,.0f} | | "
                          f"{_x(_median(mine, 'in_windows'))} | "
                          f"{_x(_median(mine, 'window_settle'))} | "
-                         f"{_x(_median(mine, 'at_work'))} | | | |")
+                         f"{_x(_median(mine, 'at_work'))} | {_x(_median(mine, 'truth'))} | "
+                         f"{' | '.join(reads)} |")
     return "\n".join(lines) + "\n"
 
 
