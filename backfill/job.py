@@ -132,6 +132,17 @@ class Limits(_Frozen):
         return self
 
 
+class AppLatency(_Frozen):
+    """The application's own latency, from its Prometheus (``[throttle.app_latency]``): a PromQL
+    ``query`` that answers one number, in seconds, which must stay at most ``max``; asked every
+    ``every`` seconds (its rate window and a scrape interval: how late it sees a change)."""
+
+    prometheus: str = Field(min_length=1, max_length=2000, pattern=r"^https?://")
+    query: str = Field(min_length=1, max_length=10_000)
+    max: Seconds = Field(gt=0, le=3600)
+    every: Seconds = Field(30.0, ge=1, le=3600)
+
+
 class ThrottleConfig(_Frozen):
     """Health gates: checked before a batch at most every ``check_every``; pause while one fails."""
 
@@ -148,6 +159,9 @@ class ThrottleConfig(_Frozen):
     # stricter holds (see backfill.throttling.impact).
     max_impact: Share | None = Field(None, gt=0, le=10)
     max_tail_impact: Share | None = Field(None, gt=0, le=10)
+    # Over its max, the application's latency cuts the impact budget's rate (or, without a
+    # budget, holds the run) until it is back under (see backfill.throttling.gates).
+    app_latency: AppLatency | None = None
 
     @property
     def impact_budget(self) -> bool:

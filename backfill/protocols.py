@@ -64,6 +64,7 @@ class Reason(StrEnum):
     SLOT_LAG = "slot_lag"
     ACTIVE_SESSIONS = "active_sessions"
     HEALTH_QUERY = "health_query"
+    APP_LATENCY = "app_latency"
     IMPACT = "impact"
     PAUSED = "paused"
     BACKOFF = "backoff"

@@ -15,7 +15,6 @@ import asyncpg
 import pytest
 
 from backfill import commands
-from backfill.checkpoint import Checkpoint
 from backfill.job import parse_job
 from tests.conftest import Database, seed_users, users_job
 from tests.throttle_support import (
@@ -24,6 +23,7 @@ from tests.throttle_support import (
     install_log,
     poll,
     read_log,
+    running,
 )
 
 pytestmark = pytest.mark.anyio
@@ -104,26 +104,19 @@ async def test_health_query_holds_every_batch_while_false(db: Database) -> None:
         throttle={"check_every": check_every, "health_query": "SELECT ok FROM public.health"},
     ))
     watch = Watch()
-    outcome: list[Checkpoint] = []
-
-    async def run() -> None:
-        outcome.append(await commands.run(job, db.params, observers=[watch]))
-
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run)
-            await watch.until(lambda: len(watch.commits) >= 5, within=20)
-            flipped = await db.fetchval(
-                "UPDATE public.health SET ok = false RETURNING clock_timestamp()"
-            )
-            # The runner notices at its next check and re-checks every check_every.
-            await watch.until(lambda: watch.count("health_query") >= 5, within=20)
-            assert await db.fetchval(
-                "SELECT state FROM backfill.checkpoints"
-            ) == "throttled"
-            back = await db.fetchval(
-                "UPDATE public.health SET ok = true RETURNING clock_timestamp()"
-            )
+    async with running(job, db, watch) as outcome:
+        await watch.until(lambda: len(watch.commits) >= 5, within=20)
+        flipped = await db.fetchval(
+            "UPDATE public.health SET ok = false RETURNING clock_timestamp()"
+        )
+        # The runner notices at its next check and re-checks every check_every.
+        await watch.until(lambda: watch.count("health_query") >= 5, within=20)
+        assert await db.fetchval(
+            "SELECT state FROM backfill.checkpoints"
+        ) == "throttled"
+        back = await db.fetchval(
+            "UPDATE public.health SET ok = true RETURNING clock_timestamp()"
+        )
     assert outcome[0].state == "succeeded" and outcome[0].rows_updated == 4000
     entries = await read_log(db)
     held = next(e for e in entries if e.state == "throttled")

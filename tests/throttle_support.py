@@ -4,15 +4,18 @@ event, a database-side log of commits and state changes, and polling a condition
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import anyio
 
+from backfill import commands
 from backfill.checkpoint import BatchResult, Checkpoint, Key
 from backfill.errors import BatchFailure
+from backfill.job import Job
 from backfill.observers import Progress
 from backfill.progress import Tracker
 from backfill.protocols import Pause
@@ -129,3 +132,19 @@ def cheap_then_expensive_set(boundary: int) -> str:
         "display_name = first_name || CASE WHEN id % 20 = 0 OR (id > "
         f"{boundary} AND id % 2 = 0) THEN pg_sleep(0.001)::text ELSE '' END, touched = touched + 1"
     )
+
+
+@asynccontextmanager
+async def running(job: Job, db: Database, watch: Watch, *, within: float = 60
+                  ) -> AsyncIterator[list[Checkpoint]]:
+    """Runs ``job`` while the block runs, and to its end after (within ``within`` seconds);
+    yields the list its final checkpoint is appended to."""
+    outcome: list[Checkpoint] = []
+
+    async def run() -> None:
+        outcome.append(await commands.run(job, db.params, observers=[watch]))
+
+    with anyio.fail_after(within):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            yield outcome

@@ -105,6 +105,10 @@ async def run(
                              shape=job.shape, tracker=progress.tracker)
         exporter = Exporter(metrics, telemetry)
         observers = [*observers, metrics]
+    if job.throttle.app_latency is not None:
+        from backfill.throttling import prometheus
+
+        await prometheus.preflight(job.throttle.app_latency, job.throttle.check_timeout)
     first = FirstStart()
     observers = [first, progress, *observers]
     stop = Stop()

@@ -1,12 +1,15 @@
 """Health gates: reasons to hold the next batch while the database is struggling.
 
 ``Gates`` decides from measurements (pure; unit-tested through a fake ``Probe``); the probe
-connection (``backfill.throttling.probe``) takes them.
+connection (``backfill.throttling.probe``) takes them, and the application's Prometheus
+(``backfill.throttling.prometheus``) its latency, at most every ``app_latency.every``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,12 +38,34 @@ class Gates:
     probe: Probe
     job: str
     _failing: set[Reason] = field(default_factory=set)  # gates whose check fails (logged once)
+    clock: Callable[[], float] = time.monotonic
+    app: tuple[float, float] | None = None  # (when, seconds): the application's latency last read
+    _app_error: CheckError | None = None  # ... or why it could not be read
 
     @staticmethod
     def enabled(knobs: Knobs) -> bool:
         t = knobs.throttle
-        limits = (t.max_replication_lag, t.max_slot_lag_bytes, t.max_active_sessions)
-        return t.health_query is not None or any(limit is not None for limit in limits)
+        limits = (t.max_replication_lag, t.max_slot_lag_bytes, t.max_active_sessions,
+                  t.health_query, t.app_latency)
+        return any(limit is not None for limit in limits)
+
+    async def app_latency(self, knobs: Knobs) -> float:
+        """The application's latency: read again once ``every`` has passed, else the last
+        reading (a failed read fails again until the next: it is not retried sooner)."""
+        a = knobs.throttle.app_latency
+        assert a is not None
+        now = self.clock()
+        if self.app is None or now - self.app[0] >= a.every:
+            from backfill.throttling import prometheus  # urllib: only for jobs that ask
+
+            self.app, self._app_error = (now, math.nan), None
+            try:
+                self.app = (now, await prometheus.app_latency(a, knobs.throttle.check_timeout))
+            except CheckError as exc:
+                self._app_error = exc
+        if self._app_error is not None:
+            raise self._app_error
+        return self.app[1]
 
     async def check(self, knobs: Knobs) -> Hold | None:
         """The first gate that holds, or None to go on. A check that fails holds too, unless
@@ -51,6 +76,8 @@ class Gates:
             (Reason.SLOT_LAG, t.max_slot_lag_bytes, self.probe.slot_lag_bytes),
             (Reason.ACTIVE_SESSIONS, t.max_active_sessions, self.probe.active_sessions),
             (Reason.HEALTH_QUERY, t.health_query, self.probe.healthy),
+            (Reason.APP_LATENCY, t.app_latency and t.app_latency.max,
+             lambda: self.app_latency(knobs)),
         ]
         for reason, limit, measure in gates:
             if limit is None:
@@ -85,4 +112,6 @@ def _over(reason: Reason, value: float, limit: float) -> str:
         return f"standby replay lag {value:.1f}s > {limit:g}s"
     if reason == Reason.SLOT_LAG:
         return f"a logical slot retains {value / 2**20:.1f} MiB of WAL > {limit / 2**20:.1f} MiB"
+    if reason == Reason.APP_LATENCY:
+        return f"the application's latency {value * 1000:.1f} ms > {limit * 1000:g} ms"
     return f"{value:g} active sessions > {limit:g}"

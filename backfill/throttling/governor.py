@@ -3,8 +3,10 @@
 In order of precedence, the next batch waits for
 
 1. ``paused``: an operator's ``backfill pause`` (until ``backfill resume``);
-2. the health gates (``replication_lag``, ``slot_lag``, ``active_sessions``, ``health_query``),
-   checked at most every ``check_every`` and re-checked every ``check_every`` while one holds;
+2. the health gates (``replication_lag``, ``slot_lag``, ``active_sessions``, ``health_query``,
+   ``app_latency``), checked at most every ``check_every`` and re-checked every
+   ``check_every`` while one holds (``app_latency``, with the impact budget on, cuts its rate
+   instead of holding);
 3. ``impact``, while the impact budget (``max_impact``, ``max_tail_impact``) measures its
    baseline with the runner idle, or cannot measure (and ``on_check_error`` is "pause");
 4. pacing: ``sleep`` (``max(sleep_seconds, sleep_ratio x last batch's duration)`` after each
@@ -42,7 +44,7 @@ from backfill.throttling.pacing import RateLimit, batch_ceiling
 log = logging.getLogger(__name__)
 
 HOLDING = (Reason.PAUSED, Reason.REPLICATION_LAG, Reason.SLOT_LAG, Reason.ACTIVE_SESSIONS,
-           Reason.HEALTH_QUERY)
+           Reason.HEALTH_QUERY, Reason.APP_LATENCY)
 EPSILON = 0.001  # shorter waits are not worth a pause
 
 
@@ -67,6 +69,7 @@ class Governor:
         self._rows_per_key: float | None = None  # of the last batch that found rows
         self._said_rate: float | None = None  # the budget's rate last logged
         self._said_judged: tuple[Judgment, ...] = ()  # ... and its judgments
+        self._app_read: tuple[float, float] | None = None  # the app latency reading acted on
         self._checked_at = -math.inf
         self._hold: Hold | None = None
         self._waiting = False
@@ -129,9 +132,25 @@ class Governor:
         if self.clock() - self._checked_at >= every - EPSILON:
             self._hold = await self.gates.check(knobs)
             self._checked_at = self.clock()
+            if self._hold is not None and self._hold.reason == Reason.APP_LATENCY:
+                self._hold = self._app_over(knobs)
         if self._hold is None:
             return self._window(knobs)
         return Pause(max(EPSILON, self._checked_at + every - self.clock()), self._hold.reason)
+
+    def _app_over(self, knobs: Knobs) -> Hold | None:
+        """The application over its latency: the run holds, unless the impact budget paces it:
+        then its rate is cut, once per reading (a reading lags the rate it measures)."""
+        a, reading = knobs.throttle.app_latency, self.gates.app if self.gates else None
+        if a is None or reading is None or math.isnan(reading[1]) or not self._impact_paces(knobs):
+            return self._hold  # a failed read holds (on_check_error) as any gate's
+        if reading != self._app_read:
+            self._app_read = reading
+            self.impact.app_over(self.clock(), reading[1] / a.max)
+            log.info(f"impact budget: {self._hold.detail if self._hold else ''}: cut to "
+                     f"{self.impact.rate or 0:,.0f} rows/s",
+                     extra={"job": self.live.job, "rows_per_second": self.impact.rate})
+        return None
 
     def _window(self, knobs: Knobs) -> Pause | None:
         """The impact budget holds the run while it measures its baseline, or while it cannot

@@ -173,6 +173,14 @@ class Controller:
             now = rows / seconds
             self.speed = now if self.speed is None else 0.8 * self.speed + 0.2 * now
 
+    def app_over(self, now: float, ratio: float) -> None:
+        """The application's own latency read ``ratio`` times its max (> 1): the rate is cut as
+        by a clear "over" (in proportion, by 15% to 50%) and marked bad."""
+        if self.rate is None or self.idle:
+            return
+        self._bad, self._bad_at = min(self._bad or self.rate, self.rate), now
+        self._set(self.rate * _clamp(1.0 / ratio, *DOWN), now)
+
     def retune(self, limit: float | None, tail_limit: float | None = None) -> None:
         if (limit, tail_limit) != (self.limit, self.tail_limit):
             self.limit, self.tail_limit, self._bad, self._good = limit, tail_limit, None, None

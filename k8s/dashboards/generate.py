@@ -119,7 +119,7 @@ def panels() -> list[dict[str, Any]]:
                unit="percentunit", x=0, y=21, stack=True,
                description="Share of the time spent waiting between batches, by reason "
                "(sleep, rate_limit, replication_lag, slot_lag, active_sessions, health_query, "
-               "impact, paused, backoff)."),
+               "app_latency, impact, paused, backoff)."),
         series("Errors by reason",
                [target(f"sum by (job, reason) "
                        f"(rate(backfill_batch_errors_total{{{SEL}}}[{RATE}]))",
