@@ -328,6 +328,35 @@ async def test_a_failing_check_pauses_or_is_ignored(policy: str, held: bool) -> 
 
 
 @pytest.mark.anyio
+async def test_the_applications_latency_cuts_the_budgets_rate_once_per_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the impact budget on, a reading over ``max`` cuts its rate (none holds the run);
+    the next cut waits for the next reading, ``every`` seconds later (the Prometheus side is
+    tests/test_app_latency.py)."""
+    readings = iter([0.2, 0.06])
+
+    async def app_latency(config: Any, budget: float) -> float:
+        return next(readings)
+
+    monkeypatch.setattr("backfill.throttling.prometheus.app_latency", app_latency)
+    clock, probe = Clock(), FakeProbe()
+    app = {"prometheus": "http://prometheus:9090", "query": "q", "max": "50ms", "every": "30s"}
+    gov = governor(probe, clock, throttle={"max_impact": "20%", "app_latency": app})
+    assert gov.gates is not None
+    gov.gates.clock = clock
+    gov.impact.others, gov.impact.rate = True, 10_000.0
+    for _ in range(3):  # one reading (4x its max: the deepest cut), acted on once
+        pause = (await gov.decide(None)).pause
+        assert pause is None or pause.reason != "app_latency"
+        clock.now += 1.0
+    assert gov.impact.rate == 5_000.0
+    clock.now += 30.0
+    await gov.decide(None)  # 1.2x its max: cut by 1 / 1.2
+    assert gov.impact.rate == pytest.approx(5_000.0 / 1.2)
+
+
+@pytest.mark.anyio
 async def test_rate_limit_through_the_governor() -> None:
     clock, probe = Clock(), FakeProbe()
     gov = governor(probe, clock, limits={"max_rows_per_second": 1000})
