@@ -21,7 +21,6 @@ from backfill import commands
 from backfill.errors import ConfigError
 from backfill.job import AppLatency, parse_job
 from backfill.throttling import impact, prometheus
-from backfill.throttling.gates import CheckError
 from tests.conftest import Database, eventually, seed_users, users_job
 from tests.observability import Server
 from tests.observability import prometheus as prometheus_server
@@ -104,7 +103,7 @@ async def test_a_query_that_answers_no_number_is_the_jobs_error(db: Database) ->
 async def test_out_of_reach_is_a_check_error_within_its_budget() -> None:
     config = AppLatency(prometheus="http://10.255.255.1:9", query="up", max=0.05)
     start = time.monotonic()
-    with pytest.raises(CheckError):
+    with pytest.raises(prometheus.Unreadable):
         await prometheus.app_latency(config, 0.3)
     assert time.monotonic() - start < 2.0
 

@@ -40,7 +40,7 @@ class Gates:
     _failing: set[Reason] = field(default_factory=set)  # gates whose check fails (logged once)
     clock: Callable[[], float] = time.monotonic
     app: tuple[float, float] | None = None  # (when, seconds): the application's latency last read
-    _app_error: CheckError | None = None  # ... or why it could not be read
+    _app_error: Exception | None = None  # ... or why it could not be read
 
     @staticmethod
     def enabled(knobs: Knobs) -> bool:
@@ -61,7 +61,7 @@ class Gates:
             self.app, self._app_error = (now, math.nan), None
             try:
                 self.app = (now, await prometheus.app_latency(a, knobs.throttle.check_timeout))
-            except CheckError as exc:
+            except Exception as exc:  # said by ``check``, as every gate's failure
                 self._app_error = exc
         if self._app_error is not None:
             raise self._app_error

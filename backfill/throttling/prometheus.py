@@ -15,10 +15,13 @@ import anyio
 
 from backfill.errors import ConfigError
 from backfill.job import AppLatency
-from backfill.throttling.gates import CheckError
 
 
-class BadQuery(CheckError):
+class Unreadable(Exception):
+    """The application's latency could not be read (the message says why)."""
+
+
+class BadQuery(Unreadable):
     """The query itself cannot work: Prometheus refused it, or it answers no single number."""
 
 
@@ -31,7 +34,7 @@ async def app_latency(config: AppLatency, budget: float) -> float:
         with anyio.fail_after(budget + 1):
             answer = await anyio.to_thread.run_sync(_get, url, budget, abandon_on_cancel=True)
     except TimeoutError:
-        raise CheckError(f"Prometheus did not answer within {budget:g}s") from None
+        raise Unreadable(f"Prometheus did not answer within {budget:g}s") from None
     return value(answer)
 
 
@@ -43,9 +46,9 @@ def _get(url: str, timeout: float) -> Any:
         try:
             return json.loads(exc.read())
         except ValueError:
-            raise CheckError(f"Prometheus answered HTTP {exc.code}") from exc
+            raise Unreadable(f"Prometheus answered HTTP {exc.code}") from exc
     except (OSError, ValueError) as exc:
-        raise CheckError(f"cannot ask Prometheus: {exc}") from exc
+        raise Unreadable(f"cannot ask Prometheus: {exc}") from exc
 
 
 def value(answer: Any) -> float:
@@ -76,5 +79,5 @@ async def preflight(config: AppLatency | None, budget: float) -> None:
         await app_latency(config, budget)
     except BadQuery as exc:
         raise ConfigError(f"[throttle.app_latency] {exc}") from None
-    except CheckError:
+    except Unreadable:
         pass
