@@ -35,7 +35,7 @@ import random
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from subprocess import DEVNULL
@@ -45,8 +45,10 @@ import anyio
 from anyio.abc import Process
 
 from backfill import sql
+from backfill.job import parse_share
+from benchmarks import app_gauge, load, runner, series, step
 from benchmarks import frontier_judge as judge
-from benchmarks import load, runner, series, step
+from benchmarks.app_gauge import AppGauge
 from benchmarks.db import Bench, Seed
 from benchmarks.options import Options
 from benchmarks.stats import percentile
@@ -69,6 +71,7 @@ APP_TABLES = ("pgbench_accounts", "pgbench_history", "pgbench_branches", "pgbenc
 BASELINE = judge.BASELINE
 TYPICAL, TAIL, MEASURING = "budget-typical", "budget-tail", "budget-measuring"
 CANARY_SUFFIX = "-canary"
+APP_SUFFIX = "-app"  # with [throttle.app_latency] at the same budget over the last baseline
 # The runner's log lines about its pace that a window keeps (its message starts so).
 PACE_PREFIXES = ("impact budget", "full speed")
 # Issue 24's bars ("Done when").
@@ -87,12 +90,14 @@ BARS: dict[str, float] = {
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """One configuration of the frontier: a runner's job fields (None: a baseline, no runner)
-    and whether pg_stat_statements is hidden from the runner (canary-only)."""
+    """One configuration of the frontier: a runner's job fields (None: a baseline, no runner),
+    whether pg_stat_statements is hidden from the runner (canary-only), and whether the runner
+    reads the application's own latency from Prometheus (``benchmarks.app_gauge``)."""
 
     name: str
     fields: dict[str, Any] | None = None
     hide_statements: bool = False
+    app_latency: float | None = None  # [throttle.app_latency] max, this times the baseline's
 
 
 def configurations(opts: Options) -> list[Config]:
@@ -108,6 +113,8 @@ def configurations(opts: Options) -> list[Config]:
     for name, throttle in ((TYPICAL, typical), (TAIL, tail)):
         out += [Config(name, job(throttle=throttle)),
                 Config(name + CANARY_SUFFIX, job(throttle=throttle), hide_statements=True)]
+    out.append(Config(TYPICAL + APP_SUFFIX, job(throttle=typical),
+                      app_latency=1.0 + parse_share(opts.frontier_typical)))
     out.append(Config(MEASURING, job(throttle=typical, limits={"max_rows_per_second": 2})))
     chosen = set(opts.frontier_configs)
     return [c for c in out if not chosen or c.name in chosen or c.name == BASELINE]
@@ -178,23 +185,43 @@ async def _experiment(
                        ("-T", load.whole_seconds(opts.warmup + count * (per + 30) + 60)),
                        rate=rate)
     windows: list[dict[str, Any]] = []
+    gauge = AppGauge()
     try:
-        command = _command(app, bench, script)
-        async with await anyio.open_process(command, stdout=DEVNULL, stderr=DEVNULL) as process:
-            try:
-                await anyio.sleep(opts.warmup)
-                for r, names in enumerate(plan):
-                    for name in names:
-                        await app_db.execute(f"VACUUM {', '.join(APP_TABLES)}")
-                        windows.append(await _one(bench, opts, found[name], len(windows), r))
-                        log.info(_said(windows[-1]))
-                await anyio.sleep(2)  # pgbench's buffered log lines of the last window are out
-            finally:
-                await _stop(process)
+        command = [*_command(app, bench, script)[:-1], "-P", "1", load.PGBENCH_DB]
+        with gauge.served() as prom:
+            async with (await anyio.open_process(command, stdout=DEVNULL) as process,
+                        anyio.create_task_group() as tg):
+                assert process.stderr is not None
+                tg.start_soon(gauge.read, process.stderr)
+                try:
+                    await anyio.sleep(opts.warmup)
+                    for r, names in enumerate(plan):
+                        for name in names:
+                            await app_db.execute(f"VACUUM {', '.join(APP_TABLES)}")
+                            config = _with_app_latency(found[name], windows, gauge, prom.url)
+                            windows.append(await _one(bench, opts, config, len(windows), r))
+                            log.info(_said(windows[-1]))
+                    await anyio.sleep(2)  # pgbench's buffered log lines of the last window
+                finally:
+                    await _stop(process)
         return windows, app.transactions()
     finally:
         app.clean()
         await app_db.close()
+
+
+def _with_app_latency(config: Config, windows: list[dict[str, Any]], gauge: AppGauge,
+                      url: str) -> Config:
+    """``config`` with ``[throttle.app_latency]`` at its share over the last baseline's mean
+    latency (pgbench's, as its Prometheus has it), when it asks for it."""
+    baselines = [w["window"] for w in windows if w["name"] == BASELINE]
+    reference = gauge.mean(*baselines[-1]) if baselines else None
+    if config.app_latency is None or config.fields is None or reference is None:
+        return config
+    app = {"prometheus": url, "query": app_gauge.QUERY, "every": "5s",
+           "max": config.app_latency * reference}
+    throttle = config.fields.get("throttle", {}) | {"app_latency": app}
+    return replace(config, fields=config.fields | {"throttle": throttle})
 
 
 async def _stop(process: Process) -> None:
@@ -392,7 +419,8 @@ def bars(configs: dict[str, Any], opts: Options) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     mean_line = judge.fixed_points(configs, "mean")
     p99_line = judge.fixed_points(configs, "p99")
-    for name in (TYPICAL, TYPICAL + CANARY_SUFFIX, TAIL, TAIL + CANARY_SUFFIX):
+    for name in (TYPICAL, TYPICAL + CANARY_SUFFIX, TYPICAL + APP_SUFFIX, TAIL,
+                 TAIL + CANARY_SUFFIX):
         c = configs.get(name)
         if c is None:
             continue
