@@ -83,13 +83,18 @@ def _toml(value: Any) -> str:
 
 
 def write_job(directory: Path, fields: dict[str, Any]) -> Path:
+    path = directory / "job.toml"
+    path.write_text("\n".join(_lines(fields)) + "\n")
+    return path
+
+
+def _lines(fields: dict[str, Any], prefix: str = "") -> list[str]:
+    """TOML: the keys, then each nested dict as a table (``[throttle.app_latency]``)."""
     lines = [f"{k} = {_toml(v)}" for k, v in fields.items() if not isinstance(v, dict)]
     for name, table in fields.items():
         if isinstance(table, dict):
-            lines += [f"\n[{name}]", *(f"{k} = {_toml(v)}" for k, v in table.items())]
-    path = directory / "job.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+            lines += [f"\n[{prefix}{name}]", *_lines(table, f"{prefix}{name}.")]
+    return lines
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,6 +142,7 @@ def test_frontier_smoke(tmp_path: Path) -> None:
     assert [w["name"] for w in f["windows"]] == f["plan"][0]
     assert f["baseline"]["windows"] == 2 == f["plan"][0].count("baseline")
     assert all(w["app"]["transactions"] > 0 for w in f["windows"])
+    assert not [(w["name"], w["error"]) for w in f["windows"] if w["error"]]  # every run ran
     assert all(w["rows_per_second"] is not None for w in f["windows"])
     assert all(w["hide_statements"] == w["name"].endswith("-canary") for w in f["windows"])
     assert all(isinstance(w["paces"], list) for w in f["windows"])
