@@ -346,6 +346,7 @@ async def test_the_applications_latency_cuts_the_budgets_rate_once_per_reading(
     assert gov.gates is not None
     gov.gates.clock = clock
     gov.impact.others, gov.impact.rate = True, 10_000.0
+    gov.impact.worked(clock.now - 60.0, 1.0, 100)  # its first batch, long before the readings
     for _ in range(3):  # one reading (4x its max: the deepest cut), acted on once
         pause = (await gov.decide(None)).pause
         assert pause is None or pause.reason != "app_latency"

@@ -146,10 +146,10 @@ class Governor:
             return self._hold  # a failed read holds (on_check_error) as any gate's
         if reading != self._app_read:
             self._app_read = reading
-            self.impact.app_over(self.clock(), reading[1] / a.max)
-            log.info(f"impact budget: {self._hold.detail if self._hold else ''}: cut to "
-                     f"{self.impact.rate or 0:,.0f} rows/s",
-                     extra={"job": self.live.job, "rows_per_second": self.impact.rate})
+            if self.impact.app_over(self.clock(), reading[1] / a.max, a.every):
+                log.info(f"impact budget: {self._hold.detail if self._hold else ''}: cut to "
+                         f"{self.impact.rate or 0:,.0f} rows/s",
+                         extra={"job": self.live.job, "rows_per_second": self.impact.rate})
         return None
 
     def _window(self, knobs: Knobs) -> Pause | None:

@@ -126,6 +126,7 @@ class Controller:
     _bad: float | None = None  # the lowest rate known to exceed the budget
     _bad_at: float = 0.0
     _good: float | None = None  # the highest rate known to keep within it
+    _since: float | None = None  # the first batch under the load there now
 
     # --- what was measured ----------------------------------------------------------------
 
@@ -153,7 +154,7 @@ class Controller:
         arrived = others is not False and self.others is False
         self.others = others
         if others is False:
-            self.rate = None
+            self.rate, self._since = None, None
         if arrived:  # a new load: measure its baseline now, then start gently
             self._windows.clear()
             self._statements.forget()
@@ -166,6 +167,8 @@ class Controller:
 
     def worked(self, end: float, seconds: float, rows: int) -> None:
         """A batch (or group) of ``rows`` that took ``seconds`` ended at ``end``."""
+        if self._since is None and not self.idle:
+            self._since = end - seconds
         self._work.append((end, seconds, rows))
         while self._work and self._work[0][0] < end - KEEP - 1:
             self._work.popleft()
@@ -173,13 +176,19 @@ class Controller:
             now = rows / seconds
             self.speed = now if self.speed is None else 0.8 * self.speed + 0.2 * now
 
-    def app_over(self, now: float, ratio: float) -> None:
-        """The application's own latency read ``ratio`` times its max (> 1): the rate is cut as
-        by a clear "over" (in proportion, by 15% to 50%) and marked bad."""
-        if self.rate is None or self.idle:
-            return
-        self._bad, self._bad_at = min(self._bad or self.rate, self.rate), now
-        self._set(self.rate * _clamp(1.0 / ratio, *DOWN), now)
+    def app_over(self, now: float, ratio: float, span: float) -> bool:
+        """The application's own latency read ``ratio`` times its max (> 1) over the last
+        ``span`` seconds: the pace the runner wrote at over that span is marked bad and the
+        rate cut below it as by a clear "over" (in proportion, by 15% to 50%). A reading whose
+        span began before the runner's first batch under this load judges no pace of its own:
+        nothing changes. Whether the rate was cut."""
+        if self.rate is None or self.idle or self._since is None or now - span < self._since:
+            return False
+        rows = sum(r for end, _, r in self._work if end > now - span)
+        paced = min(self.rate, rows / span) if rows else self.rate
+        self._bad, self._bad_at = min(self._bad or paced, paced), now
+        self._set(min(self.rate, paced * _clamp(1.0 / ratio, *DOWN)), now)
+        return True
 
     def retune(self, limit: float | None, tail_limit: float | None = None) -> None:
         if (limit, tail_limit) != (self.limit, self.tail_limit):
