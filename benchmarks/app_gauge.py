@@ -1,33 +1,24 @@
 """The frontier application's own latency in a real Prometheus, for ``[throttle.app_latency]``:
 pgbench's progress lines (``-P 1``: each second's mean latency, from the scheduled start under
 ``-R``, so the schedule lag included) as a gauge, ``frontier_app_latency_seconds``, served on a
-free port that a Prometheus (``tests.observability``'s, scraping every second) scrapes.
+free port that a Prometheus (``tests.observability.scraped``, every second) scrapes.
 """
 
 from __future__ import annotations
 
 import re
 import statistics
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from anyio.abc import ByteReceiveStream
-from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
+from prometheus_client import CollectorRegistry, Gauge
 
-from tests.observability import Server, prometheus
+from tests.observability import Server, scraped
 
 LATENCY = re.compile(rb"progress: .*? lat ([0-9.]+) ms")
 QUERY = "avg_over_time(frontier_app_latency_seconds[5s])"
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @dataclass
@@ -57,16 +48,6 @@ class AppGauge:
         values = [s for at, s in self.seen if t0 <= at <= t1]
         return statistics.mean(values) if values else None
 
-    @contextmanager
-    def served(self) -> Iterator[Server]:
+    def served(self) -> AbstractContextManager[Server]:
         """The gauge on a free port and a Prometheus scraping it, for the block."""
-        httpd = make_server("127.0.0.1", 0, make_wsgi_app(self.registry), handler_class=_Quiet)
-        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                  daemon=True)
-        thread.start()
-        try:
-            with prometheus([f"127.0.0.1:{httpd.server_port}"]) as server:
-                yield server
-        finally:
-            httpd.shutdown()
-            httpd.server_close()
+        return scraped(self.registry)

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -16,8 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.parser import text_string_to_metric_families
 
 from backfill.checkpoint import BatchResult, Checkpoint
@@ -173,3 +175,23 @@ def pushed(gateway: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
         for s in f.samples
         if s.name.startswith(("backfill_", "push_time_seconds"))
     }
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def scraped(registry: CollectorRegistry) -> Iterator[Server]:
+    """``registry`` served on a free port, and a Prometheus scraping it every second."""
+    httpd = make_server("127.0.0.1", 0, make_wsgi_app(registry), handler_class=_Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        with prometheus([f"127.0.0.1:{httpd.server_port}"]) as server:
+            yield server
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -6,32 +6,24 @@ over its max, or cuts the impact budget's rate; a query that cannot work is the 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import anyio
 import pytest
-from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
+from prometheus_client import CollectorRegistry, Gauge
 
 from backfill import commands
 from backfill.errors import ConfigError
 from backfill.job import AppLatency, parse_job
 from backfill.throttling import impact, prometheus
 from tests.conftest import Database, eventually, seed_users, users_job
-from tests.observability import Server
-from tests.observability import prometheus as prometheus_server
+from tests.observability import Server, scraped
 from tests.throttle_support import Watch, running
 
 pytestmark = pytest.mark.anyio
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @contextmanager
@@ -39,16 +31,8 @@ def application() -> Iterator[tuple[Gauge, Server]]:
     """An application's latency gauge, served on a free port and scraped every second."""
     registry = CollectorRegistry()
     gauge = Gauge("app_db_seconds", "the application's latency", registry=registry)
-    httpd = make_server("127.0.0.1", 0, make_wsgi_app(registry), handler_class=_Quiet)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        with prometheus_server([f"127.0.0.1:{httpd.server_port}"]) as prom:
-            yield gauge, prom
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with scraped(registry) as prom:
+        yield gauge, prom
 
 
 def _seen(prom: Server, value: float) -> bool:
