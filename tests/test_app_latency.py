@@ -96,12 +96,12 @@ def test_an_over_reading_cuts_below_the_pace_it_measured_and_marks_that_bad() ->
     budget = impact.Controller(limit=1.2, rate=10_000.0, others=True)
     # A reading whose span began before the runner's first batch judges no pace of its own.
     budget.worked(95.0, 1.0, 8_000)
-    assert not budget.app_over(96.0, 2.0, 5.0) and budget.rate == 10_000.0
+    assert not budget.app_read(96.0, 2.0, 5.0) and budget.rate == 10_000.0
     for end in range(96, 101):  # 8,000 rows/s over the reading's span
         budget.worked(float(end), 1.0, 8_000)
-    assert budget.app_over(100.0, 2.0, 5.0)  # twice its max: the deepest cut
+    assert budget.app_read(100.0, 2.0, 5.0)  # twice its max: the deepest cut
     assert budget.rate == 8_000.0 * impact.DOWN[0] and budget._bad == 8_000.0
     for end in range(101, 106):  # the next span, at the rate cut to (4,000 rows/s)
         budget.worked(float(end), 1.0, 4_000)
-    assert budget.app_over(105.0, 1.05, 5.0)  # just over: the mildest cut
+    assert budget.app_read(105.0, 1.05, 5.0)  # just over: the mildest cut
     assert budget.rate == 4_000.0 * impact.DOWN[1] and budget._bad == 4_000.0

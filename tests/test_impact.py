@@ -246,6 +246,22 @@ def test_grows_only_when_the_rate_was_used() -> None:
     assert b.rate is not None and start is not None and b.rate > start
 
 
+def test_with_the_applications_own_latency_only_its_reading_lets_the_rate_grow() -> None:
+    world = World(Controller(limit=1.2, app_gated=True))
+    world.run(20)  # the canary reads well under the budget, but the application said nothing
+    start = world.budget.rate
+    assert start is not None and set(world.rates(5, 20)) == {start}
+    # A reading under its max whose span began before the rate was set says nothing of it ...
+    world.budget.app_read(world.now, 0.5, world.now - world.budget._changed + 1)
+    world.run(25)
+    assert world.budget.rate == start
+    # ... one whose span came after lets it grow, once.
+    world.budget.app_read(world.now, 0.5, 5.0)
+    world.run(30)
+    assert world.budget.rate is not None and world.budget.rate > start
+    assert len(set(world.rates(25, 30))) == 2
+
+
 def test_a_query_now_and_then_is_not_a_load() -> None:
     b = Controller(limit=1.2)
     for i, seen in enumerate([False] * 5 + [True] + [False] * 5):

@@ -69,7 +69,7 @@ class Governor:
         self._rows_per_key: float | None = None  # of the last batch that found rows
         self._said_rate: float | None = None  # the budget's rate last logged
         self._said_judged: tuple[Judgment, ...] = ()  # ... and its judgments
-        self._app_read: tuple[float, float] | None = None  # the app latency reading acted on
+        self._app_seen: tuple[float, float] | None = None  # the app latency reading acted on
         self._checked_at = -math.inf
         self._hold: Hold | None = None
         self._waiting = False
@@ -132,25 +132,29 @@ class Governor:
         if self.clock() - self._checked_at >= every - EPSILON:
             self._hold = await self.gates.check(knobs)
             self._checked_at = self.clock()
-            if self._hold is not None and self._hold.reason == Reason.APP_LATENCY:
-                self._hold = self._app_over(knobs)
+            self._hold = self._app_read(knobs)
         if self._hold is None:
             return self._window(knobs)
         return Pause(max(EPSILON, self._checked_at + every - self.clock()), self._hold.reason)
 
-    def _app_over(self, knobs: Knobs) -> Hold | None:
-        """The application over its latency: the run holds, unless the impact budget paces it:
-        then its rate is cut, once per reading (a reading lags the rate it measures)."""
+    def _app_read(self, knobs: Knobs) -> Hold | None:
+        """The gates' hold, but for the application's latency when the impact budget paces the
+        run: each new reading goes to the budget instead (over its max, the rate is cut; a
+        reading lags the rate it measures, so it acts once)."""
         a, reading = knobs.throttle.app_latency, self.gates.app if self.gates else None
-        if a is None or reading is None or math.isnan(reading[1]) or not self._impact_paces(knobs):
+        read = reading is not None and not math.isnan(reading[1])
+        # Unread, the rate grows only if failed checks are to be ignored.
+        self.impact.app_gated = a is not None and self._impact_paces(knobs) and (
+            read or knobs.throttle.on_check_error == "pause")
+        if a is None or reading is None or not read or not self._impact_paces(knobs):
             return self._hold  # a failed read holds (on_check_error) as any gate's
-        if reading != self._app_read:
-            self._app_read = reading
-            if self.impact.app_over(self.clock(), reading[1] / a.max, a.every):
+        if reading != self._app_seen:
+            self._app_seen = reading
+            if self.impact.app_read(self.clock(), reading[1] / a.max, a.every):
                 log.info(f"impact budget: {self._hold.detail if self._hold else ''}: cut to "
                          f"{self.impact.rate or 0:,.0f} rows/s",
                          extra={"job": self.live.job, "rows_per_second": self.impact.rate})
-        return None
+        return None if self._hold and self._hold.reason == Reason.APP_LATENCY else self._hold
 
     def _window(self, knobs: Knobs) -> Pause | None:
         """The impact budget holds the run while it measures its baseline, or while it cannot

@@ -127,6 +127,8 @@ class Controller:
     _bad_at: float = 0.0
     _good: float | None = None  # the highest rate known to keep within it
     _since: float | None = None  # the first batch under the load there now
+    app_gated: bool = False  # the application's own latency is read: it alone lets the rate grow
+    _app_clear: float = -math.inf  # where the span of its last reading under max began
 
     # --- what was measured ----------------------------------------------------------------
 
@@ -176,12 +178,17 @@ class Controller:
             now = rows / seconds
             self.speed = now if self.speed is None else 0.8 * self.speed + 0.2 * now
 
-    def app_over(self, now: float, ratio: float, span: float) -> bool:
-        """The application's own latency read ``ratio`` times its max (> 1) over the last
-        ``span`` seconds: the pace the runner wrote at over that span is marked bad and the
-        rate cut below it as by a clear "over" (in proportion, by 15% to 50%). A reading whose
-        span began before the runner's first batch under this load judges no pace of its own:
-        nothing changes. Whether the rate was cut."""
+    def app_read(self, now: float, ratio: float, span: float) -> bool:
+        """The application's own latency read ``ratio`` times its max over the last ``span``
+        seconds. At most its max: the rate may grow once more, if the span began after the
+        rate last changed (``app_gated``: the inner loop's signals read a pace's cost low, so
+        only this reading lets a rate grow). Over it: the pace the runner wrote at over that
+        span is marked bad and the rate cut below it as by a clear "over" (in proportion, by
+        15% to 50%). A reading whose span began before the runner's first batch under this
+        load judges no pace of its own: nothing changes. Whether the rate was cut."""
+        if ratio <= 1.0:
+            self._app_clear = max(self._app_clear, now - span)
+            return False
         if self.rate is None or self.idle or self._since is None or now - span < self._since:
             return False
         rows = sum(r for end, _, r in self._work if end > now - span)
@@ -315,6 +322,8 @@ class Controller:
 
     def _grow(self, factor: float, now: float) -> None:
         assert self.rate is not None
+        if self.app_gated and self._app_clear < self._changed:
+            return  # no reading of the application's own has seen this rate yet
         grown = self.rate * factor
         if self._bad is not None:
             if self.rate >= self._bad:
