@@ -46,6 +46,10 @@ async def plan(job: Job, params: ConnectParams) -> Plan:
     checkpoint) in a transaction that is rolled back; the checkpoint row it claims (and the
     state schema, before ``backfill init``) is made to exist in that transaction if need be.
     """
+    if job.throttle.app_latency is not None:  # a query that cannot work, as ``run`` says
+        from backfill.throttling import prometheus
+
+        await prometheus.preflight(job.throttle.app_latency, job.throttle.check_timeout)
     conn = await guard(open_connection(params, job))
     try:
         return await guard(_plan(conn, job))

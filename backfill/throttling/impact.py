@@ -65,6 +65,7 @@ STALE = 0.9  # the application clearly this much faster at the pace than in the 
 # baseline is stale (taken in a slow spell), measured again (at most once every ``KEEP`` s)
 USED = 0.8  # the rate grows only when the runner wrote at least this share of it
 FADE, FADE_EVERY = 0.1, 30.0  # a bad mark rises by this share every so many seconds
+APP_SURE = 1.25  # the application's own latency this much over its max cuts at once
 LOOKS = 10  # looks at other sessions without anyone at work before nobody is there ...
 ARRIVE_LOOKS = 4  # ... and of the last this many looks ...
 ARRIVE = 2  # ... this many that saw one at work for a load to have arrived
@@ -129,6 +130,7 @@ class Controller:
     _since: float | None = None  # the first batch under the load there now
     app_gated: bool = False  # the application's own latency is read: it alone lets the rate grow
     _app_clear: float = -math.inf  # where the span of its last reading under max began
+    _app_overs: int = 0  # its readings over max since the last under it (or the last cut)
 
     # --- what was measured ----------------------------------------------------------------
 
@@ -182,15 +184,21 @@ class Controller:
         """The application's own latency read ``ratio`` times its max over the last ``span``
         seconds. At most its max: the rate may grow once more, if the span began after the
         rate last changed (``app_gated``: the inner loop's signals read a pace's cost low, so
-        only this reading lets a rate grow). Over it: the pace the runner wrote at over that
-        span is marked bad and the rate cut below it as by a clear "over" (in proportion, by
-        15% to 50%). A reading whose span began before the runner's first batch under this
-        load judges no pace of its own: nothing changes. Whether the rate was cut."""
+        only this reading lets a rate grow). Over it by ``APP_SURE`` or more, or over it twice
+        in a row (one reading a little over is as likely the application's own noise): the
+        pace the runner wrote at over that span is marked bad and the rate cut below it as by
+        a clear "over" (in proportion, by 15% to 50%). A reading whose span began before the
+        runner's first batch under this load judges no pace of its own: nothing changes.
+        Whether the rate was cut."""
         if ratio <= 1.0:
-            self._app_clear = max(self._app_clear, now - span)
+            self._app_clear, self._app_overs = max(self._app_clear, now - span), 0
             return False
         if self.rate is None or self.idle or self._since is None or now - span < self._since:
             return False
+        self._app_overs += 1
+        if ratio < APP_SURE and self._app_overs < 2:
+            return False
+        self._app_overs = 0
         rows = sum(r for end, _, r in self._work if end > now - span)
         paced = min(self.rate, rows / span) if rows else self.rate
         self._bad, self._bad_at = min(self._bad or paced, paced), now
