@@ -113,5 +113,5 @@ def _over(reason: Reason, value: float, limit: float) -> str:
     if reason == Reason.SLOT_LAG:
         return f"a logical slot retains {value / 2**20:.1f} MiB of WAL > {limit / 2**20:.1f} MiB"
     if reason == Reason.APP_LATENCY:
-        return f"the application's latency {value * 1000:.1f} ms > {limit * 1000:g} ms"
+        return f"the application's latency {value * 1000:.3g} ms > {limit * 1000:.3g} ms"
     return f"{value:g} active sessions > {limit:g}"
