@@ -142,11 +142,11 @@ class Governor:
         run: each new reading goes to the budget instead (over its max, the rate is cut; a
         reading lags the rate it measures, so it acts once)."""
         a, reading = knobs.throttle.app_latency, self.gates.app if self.gates else None
+        paces = a is not None and self._impact_paces(knobs)
         read = reading is not None and not math.isnan(reading[1])
         # Unread, the rate grows only if failed checks are to be ignored.
-        self.impact.app_gated = a is not None and self._impact_paces(knobs) and (
-            read or knobs.throttle.on_check_error == "pause")
-        if a is None or reading is None or not read or not self._impact_paces(knobs):
+        self.impact.app_gated = paces and (read or knobs.throttle.on_check_error == "pause")
+        if a is None or reading is None or not read or not paces:
             return self._hold  # a failed read holds (on_check_error) as any gate's
         if reading != self._app_seen:
             self._app_seen = reading
